@@ -1,0 +1,165 @@
+"""HSTU (Zhai et al. 2024): a causal pointwise-attention sequence encoder, trained by next-item prediction.
+
+A user is the encoder's output at the last slot of their training history, so top-N is still one dot
+product with the (L2-normalised) item embeddings. Histories are LEFT-padded to ``max_len`` (token 0 is
+padding, item i is token i+1) so slot -1 always holds the most recent item. They are kept as a buffer,
+so a checkpoint (and the exported ONNX user tower) needs no dataset.
+
+Training feeds each history shifted right by one slot (its last item becomes the target of slot -1),
+so the slot that makes the user vector at serving time, and its positional embedding, is the one that
+is trained; feeding the unshifted row would leave slot -1 without any loss.
+
+Init follows the reference code: item embeddings N(0, 0.02²), positional N(0, 1/d), UVQK N(0, 0.02²),
+output projections Xavier-uniform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rcekd.data import Interactions
+from rcekd.models.base import Batch, Recommender
+
+
+class HSTUBlock(nn.Module):
+    """Pre-norm block: SiLU(n W) → U, V, Q, K; A = SiLU(QKᵀ)/N (no softmax); y = x + W_o(U ⊙ LN(AV))."""
+
+    def __init__(self, dim: int, n_heads: int, dqk: int, dv: int, dropout: float) -> None:
+        super().__init__()
+        self.dim, self.n_heads, self.dqk, self.dv = dim, n_heads, dqk, dv
+        self.uvqk = nn.Linear(dim, 2 * n_heads * (dv + dqk), bias=False)
+        self.out = nn.Linear(n_heads * dv, dim)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.normal_(self.uvqk.weight, std=0.02)
+        nn.init.xavier_uniform_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x``: float[b, N, d]; ``mask``: float[b, 1, N, N], 1 where query t may read key s."""
+        b, n = x.shape[0], x.shape[1]
+        h, hv, hqk = self.n_heads, self.n_heads * self.dv, self.n_heads * self.dqk
+        normed = F.layer_norm(x, (self.dim,))  # a Python int, not x.shape[-1], so ONNX export sees a constant
+        u, v, q, k = F.silu(self.uvqk(normed)).split([hv, hv, hqk, hqk], dim=-1)
+        q = q.reshape(b, n, h, self.dqk).transpose(1, 2)
+        k = k.reshape(b, n, h, self.dqk).transpose(1, 2)
+        v = v.reshape(b, n, h, self.dv).transpose(1, 2)
+        attn = F.silu(q @ k.transpose(-1, -2)) * (mask / n)  # pointwise: masked keys contribute 0
+        o = (attn @ v).transpose(1, 2).reshape(b, n, hv)
+        return x + self.out(self.dropout(u * F.layer_norm(o, (hv,))))
+
+
+class HSTU(Recommender):
+    arch = "hstu"
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int = 64,
+        n_blocks: int = 8,
+        n_heads: int = 4,
+        dqk: int = 8,
+        dv: int = 16,
+        max_len: int = 100,
+        dropout: float = 0.2,
+        temperature: float = 0.05,
+        n_negatives: int = 256,
+        train: Interactions | None = None,
+    ) -> None:
+        super().__init__(
+            n_users,
+            n_items,
+            dim=dim,
+            n_blocks=n_blocks,
+            n_heads=n_heads,
+            dqk=dqk,
+            dv=dv,
+            max_len=max_len,
+            dropout=dropout,
+            temperature=temperature,
+            n_negatives=n_negatives,
+        )
+        if max_len < 2:
+            raise ValueError(f"HSTU needs max_len >= 2 (one input and one target), got {max_len}")
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, dim)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=dim**-0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.input_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(HSTUBlock(dim, n_heads, dqk, dv, dropout) for _ in range(n_blocks))
+        if train is None:
+            histories = torch.zeros(0, max_len, dtype=torch.int64)  # resized on load_state_dict
+        else:
+            if train.n_users != n_users:
+                raise ValueError(f"train has {train.n_users} users, the model {n_users}")
+            histories = torch.from_numpy(self.left_padded(train, max_len))
+        self.register_buffer("histories", histories)
+
+    @staticmethod
+    def left_padded(train: Interactions, max_len: int) -> np.ndarray:
+        """int64[n_users, max_len]: each user's last ``max_len`` items as tokens (item + 1), right-aligned."""
+        lengths = train.lengths()
+        users = train.users()
+        rank = np.arange(train.nnz) - np.repeat(train.indptr[:-1], lengths)
+        column = max_len - lengths[users] + rank
+        keep = column >= 0
+        out = np.zeros((train.n_users, max_len), dtype=np.int64)
+        out[users[keep], column[keep]] = train.items[keep] + 1
+        return out
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """float[b, N, d] L2-normalised outputs for left-padded tokens int64[b, N]; output t sees ≤ t."""
+        n = tokens.shape[1]
+        valid = (tokens != 0).to(self.item_emb.weight.dtype)
+        x = self.item_emb(tokens) * self.hparams["dim"] ** 0.5 + self.pos_emb.weight[:n]
+        x = self.input_dropout(x)  # padded slots keep their positional embedding: a cold user is not 0
+        pos = torch.arange(n, device=tokens.device)
+        causal = (pos.unsqueeze(1) >= pos.unsqueeze(0)).to(x.dtype)  # [query, key]
+        mask = (causal * valid.unsqueeze(1)).unsqueeze(1)  # padded keys masked; [b, 1, N, N]
+        for block in self.blocks:
+            x = block(x, mask)
+        return F.normalize(x, dim=-1)
+
+    def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.histories[users])[:, -1]
+
+    def item_vectors(self) -> torch.Tensor:
+        return F.normalize(self.item_emb.weight[1:], dim=-1)
+
+    def all_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """In chunks of 1024 users: a chunk's attention maps are chunk × H × N² floats per block."""
+        users = torch.arange(self.n_users, device=self.device)
+        chunks = [self.user_vectors(chunk) for chunk in users.split(1024)]
+        return torch.cat(chunks), self.item_vectors()
+
+    def batches(self, train: Interactions, batch_size: int, rng: np.random.Generator) -> Iterator[Batch]:
+        """Shuffled users with ≥ 2 training items, plus ``n_negatives`` uniform items shared per batch."""
+        eligible = np.flatnonzero(train.lengths() >= 2)
+        order = torch.from_numpy(rng.permutation(eligible).astype(np.int64))
+        n_batches = -(-len(order) // batch_size)
+        negatives = rng.integers(0, self.n_items, size=(n_batches, self.hparams["n_negatives"]))
+        negatives = torch.from_numpy(negatives.astype(np.int64))
+        for index, users in enumerate(order.split(batch_size)):
+            yield {"users": users.to(self.device), "negatives": negatives[index].to(self.device)}
+
+    def base_loss(self, batch: Batch) -> torch.Tensor:
+        """Sampled-softmax next-item loss (cosine / temperature), mean over the batch's valid positions."""
+        targets = self.histories[batch["users"]]
+        inputs = F.pad(targets[:, :-1], (1, 0))  # slot t predicts the token now at slot t of `targets`
+        valid = inputs != 0
+        outputs = self.encode(inputs)[valid]  # [P, d]
+        positives = targets[valid]  # tokens, all real items
+        neg_tokens = batch["negatives"] + 1
+        pos_logits = (outputs * F.normalize(self.item_emb(positives), dim=-1)).sum(-1, keepdim=True)
+        neg_logits = (outputs @ F.normalize(self.item_emb(neg_tokens), dim=-1).T).masked_fill(
+            neg_tokens.unsqueeze(0) == positives.unsqueeze(1), float("-inf")
+        )
+        logits = torch.cat([pos_logits, neg_logits], dim=1) / self.hparams["temperature"]
+        return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()

@@ -1,0 +1,86 @@
+"""End-to-end jobs shared by the CLI and (later) the worker: load data, train, evaluate, save."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rcekd.checkpoint import save_artifact
+from rcekd.data import Dataset, load_dataset
+from rcekd.metrics import full_report
+from rcekd.models import build_model
+from rcekd.train import Progress, TrainConfig, TrainResult, train
+
+#: Per-backbone defaults: the settings that reach the README's CiteULike teacher figures.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mf": {"dim": 400, "init_std": 0.01},
+    "lightgcn": {"dim": 64, "n_layers": 3, "init_std": 0.1},
+    "hstu": {
+        "dim": 64,
+        "n_blocks": 8,
+        "n_heads": 4,
+        "dqk": 8,
+        "dv": 16,
+        "max_len": 100,
+        "dropout": 0.2,
+        "temperature": 0.05,
+        "n_negatives": 256,
+    },
+}
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mf": {"lr": 1e-3, "batch_size": 2048, "weight_decay": 0.0},
+    "lightgcn": {"lr": 1e-3, "batch_size": 2048, "weight_decay": 0.0},
+    "hstu": {"lr": 1e-3, "batch_size": 128, "weight_decay": 0.0},
+}
+
+
+def dataset_record(dataset: Dataset) -> dict[str, Any]:
+    """How a manifest names its data: enough to refuse a model trained on other splits."""
+    return {
+        "name": dataset.name,
+        "fingerprint": dataset.fingerprint,
+        "n_users": dataset.n_users,
+        "n_items": dataset.n_items,
+        "valid_carved": dataset.valid_carved,
+        "valid_seed": dataset.valid_seed,
+    }
+
+
+def train_and_save(
+    data: str | Path | Dataset,
+    arch: str,
+    out_dir: str | Path,
+    *,
+    model_params: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
+    role: str = "teacher",
+    valid_seed: int = 0,
+    on_progress: Callable[[Progress], None] | None = None,
+    overwrite: bool = False,
+) -> tuple[dict[str, Any], TrainResult]:
+    """Train one backbone on a dataset and write its artifact directory; returns (manifest, result)."""
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, valid_seed=valid_seed)
+    params = {**MODEL_DEFAULTS[arch], **(model_params or {})}
+    config = config or TrainConfig(**TRAIN_DEFAULTS[arch])
+    model = build_model(arch, dataset, **params)
+    result = train(model, dataset, config, on_progress=on_progress)
+    manifest = save_artifact(
+        out_dir,
+        model,
+        role=role,
+        dataset=dataset_record(dataset),
+        metrics=full_report(model, dataset),
+        training={
+            **dataclasses.asdict(config),
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "seconds": round(result.seconds, 2),
+            "seconds_per_epoch_train": round(result.train_seconds / max(result.epochs_run, 1), 3),
+            "history": result.history,
+        },
+        trajectory=result.trajectory,
+        overwrite=overwrite,
+    )
+    return manifest, result
