@@ -1,8 +1,9 @@
-"""The ``rcekd`` command: ``train`` a backbone into an artifact directory, ``evaluate`` one."""
+"""The ``rcekd`` command: ``train`` a backbone, ``distill`` a teacher into a student, ``evaluate`` either."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -12,9 +13,10 @@ from tqdm import tqdm
 
 from rcekd.checkpoint import CheckpointError, load_model
 from rcekd.data import DataError, load_dataset
+from rcekd.kd import DISTILLERS, METHODS, distiller_class
 from rcekd.metrics import evaluate_model
 from rcekd.models import MODELS
-from rcekd.pipeline import MODEL_DEFAULTS, TRAIN_DEFAULTS, train_and_save
+from rcekd.pipeline import MODEL_DEFAULTS, TRAIN_DEFAULTS, distill_and_save, train_and_save
 from rcekd.train import Progress, TrainConfig
 
 #: flag → (hyper-parameter, type, help); which backbones use it is read from MODEL_DEFAULTS
@@ -40,17 +42,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rcekd", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    train_p = commands.add_parser("train", help="train a backbone (a teacher, or a student alone)")
-    _add_data_args(train_p)
-    train_p.add_argument("--model", required=True, choices=sorted(MODELS), help="backbone")
-    train_p.add_argument("--out", required=True, help="artifact directory to write")
-    train_p.add_argument("--role", default="teacher", choices=["teacher", "student"])
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="artifact directory to write")
     for flag, (_, kind, text) in MODEL_FLAGS.items():
-        train_p.add_argument(flag, type=kind, default=None, help=text)
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    train_p = parser
     train_p.add_argument("--epochs", type=int, default=300, help="maximum epochs (300)")
     train_p.add_argument("--batch-size", type=int, default=None, help="rows per batch (MF/LightGCN 2048, HSTU 128)")
     train_p.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-3)")
@@ -63,6 +59,52 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     train_p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def method_options() -> dict[str, tuple[type, dict[str, object]]]:
+    """Every KD option (keyword-only constructor argument) → (type, {method: default})."""
+    options: dict[str, tuple[type, dict[str, object]]] = {}
+    for method in DISTILLERS:
+        for param in inspect.signature(distiller_class(method).__init__).parameters.values():
+            if param.kind is not param.KEYWORD_ONLY and param.name != "weight":
+                continue
+            kind = type(param.default) if param.default is not None else str
+            options.setdefault(param.name, (kind, {}))[1][method] = param.default
+    return options
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rcekd", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_p = commands.add_parser("train", help="train a backbone (a teacher, or a student alone)")
+    _add_data_args(train_p)
+    train_p.add_argument("--model", required=True, choices=sorted(MODELS), help="backbone")
+    train_p.add_argument("--role", default="teacher", choices=["teacher", "student"])
+    _add_training_args(train_p)
+
+    distill_p = commands.add_parser("distill", help="distil a teacher artifact into a student")
+    _add_data_args(distill_p)
+    distill_p.add_argument("--teacher", required=True, help="teacher artifact directory")
+    distill_p.add_argument("--method", required=True, choices=sorted(METHODS), help="KD method ('none': student alone)")
+    distill_p.add_argument("--student", default="mf", choices=sorted(MODELS), help="student backbone (mf)")
+    _add_training_args(distill_p)
+    for name, (kind, defaults) in method_options().items():
+        text = ", ".join(f"{method} {default}" for method, default in defaults.items())
+        parse = _parse_bool if kind is bool else kind
+        distill_p.add_argument(_flag(name), dest=f"kd_{name}", type=parse, default=None, help=f"defaults: {text}")
+
     eval_p = commands.add_parser("evaluate", help="full-ranking metrics of an artifact directory, as JSON")
     _add_data_args(eval_p)
     eval_p.add_argument("--model", required=True, help="artifact directory")
@@ -71,21 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_params(args: argparse.Namespace) -> dict[str, Any]:
-    known = MODEL_DEFAULTS[args.model]
+def _model_params(args: argparse.Namespace, arch: str) -> dict[str, Any]:
+    known = MODEL_DEFAULTS[arch]
     params = {}
     for flag, (name, _, _) in MODEL_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is None:
             continue
         if name not in known:
-            raise SystemExit(f"rcekd: {flag} does not apply to --model {args.model}")
+            raise SystemExit(f"rcekd: {flag} does not apply to the {arch} backbone")
         params[name] = value
     return params
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    defaults = TRAIN_DEFAULTS[args.model]
+def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
+    defaults = TRAIN_DEFAULTS[arch]
     return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size or defaults["batch_size"],
@@ -99,37 +141,88 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _run_train(args: argparse.Namespace) -> dict[str, Any]:
-    config = _train_config(args)
-    bar = tqdm(total=config.epochs, desc=f"train {args.model}", unit="epoch", disable=args.quiet, file=sys.stderr)
+class ProgressBar:
+    """A tqdm bar over epochs, fed by the trainer's progress callback."""
 
-    def report(progress: Progress) -> None:
-        bar.update(1)
+    def __init__(self, total: int, desc: str, disable: bool) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="epoch", disable=disable, file=sys.stderr)
+
+    def __call__(self, progress: Progress) -> None:
+        self.bar.update(1)
         postfix = {"loss": f"{progress.loss:.4g}", "best ndcg@10": f"{progress.best_ndcg:.4f}"}
-        bar.set_postfix(postfix, refresh=False)
+        self.bar.set_postfix(postfix, refresh=False)
 
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _summary(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
+    keys = ("best_epoch", "epochs_run", "seconds", "seconds_per_epoch_train")
+    return {
+        "out": args.out,
+        "id": manifest["id"],
+        "metrics": manifest["metrics"],
+        "training": {k: manifest["training"][k] for k in keys},
+    }
+
+
+def _run_train(args: argparse.Namespace) -> dict[str, Any]:
+    config = _train_config(args, args.model)
+    bar = ProgressBar(config.epochs, f"train {args.model}", args.quiet)
     try:
         manifest, _ = train_and_save(
             args.data,
             args.model,
             args.out,
-            model_params=_model_params(args),
+            model_params=_model_params(args, args.model),
             config=config,
             role=args.role,
             valid_seed=args.valid_seed,
-            on_progress=report,
+            on_progress=bar,
             overwrite=args.overwrite,
         )
     finally:
         bar.close()
-    return {
-        "out": args.out,
-        "id": manifest["id"],
-        "metrics": manifest["metrics"],
-        "training": {
-            k: manifest["training"][k] for k in ("best_epoch", "epochs_run", "seconds", "seconds_per_epoch_train")
-        },
-    }
+    return _summary(args, manifest)
+
+
+def _kd_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The KD flags given on the command line, refused when the method has no such option."""
+    if args.method == "none":
+        return {}
+    accepted = inspect.signature(distiller_class(args.method).__init__).parameters
+    options: dict[str, Any] = {}
+    for name in method_options():
+        value = getattr(args, f"kd_{name}")
+        if value is None:
+            continue
+        if name not in accepted:
+            raise SystemExit(f"rcekd: {_flag(name)} does not apply to --method {args.method}")
+        options[name] = value
+    return options
+
+
+def _run_distill(args: argparse.Namespace) -> dict[str, Any]:
+    config = _train_config(args, args.student)
+    options = _kd_options(args)
+    bar = ProgressBar(config.epochs, f"distill {args.method}", args.quiet)
+    try:
+        manifest, _ = distill_and_save(
+            args.data,
+            args.teacher,
+            args.method,
+            args.out,
+            student_arch=args.student,
+            student_params=_model_params(args, args.student),
+            method_options=options,
+            config=config,
+            valid_seed=args.valid_seed,
+            on_progress=bar,
+            overwrite=args.overwrite,
+        )
+    finally:
+        bar.close()
+    return {**_summary(args, manifest), "kd": manifest["kd"]}
 
 
 def _run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,7 +241,8 @@ def _run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = _run_train(args) if args.command == "train" else _run_evaluate(args)
+        runner = {"train": _run_train, "distill": _run_distill, "evaluate": _run_evaluate}[args.command]
+        result = runner(args)
     except (DataError, CheckpointError, FileExistsError) as exc:
         print(f"rcekd: error: {exc}", file=sys.stderr)
         return 2

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rcekd.checkpoint import save_artifact
+from rcekd.checkpoint import CheckpointError, load_model, save_artifact
 from rcekd.data import Dataset, load_dataset
+from rcekd.kd import Teacher, make_distiller
 from rcekd.metrics import full_report
 from rcekd.models import build_model
-from rcekd.train import Progress, TrainConfig, TrainResult, train
+from rcekd.train import Progress, TrainConfig, TrainResult, seed_everything, train
 
 #: Per-backbone defaults: the settings that reach the README's CiteULike teacher figures.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -64,6 +65,7 @@ def train_and_save(
     dataset = data if isinstance(data, Dataset) else load_dataset(data, valid_seed=valid_seed)
     params = {**MODEL_DEFAULTS[arch], **(model_params or {})}
     config = config or TrainConfig(**TRAIN_DEFAULTS[arch])
+    seed_everything(config.seed)  # the initialisation is part of "same seed → same model"
     model = build_model(arch, dataset, **params)
     result = train(model, dataset, config, on_progress=on_progress)
     manifest = save_artifact(
@@ -72,15 +74,84 @@ def train_and_save(
         role=role,
         dataset=dataset_record(dataset),
         metrics=full_report(model, dataset),
-        training={
-            **dataclasses.asdict(config),
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "seconds": round(result.seconds, 2),
-            "seconds_per_epoch_train": round(result.train_seconds / max(result.epochs_run, 1), 3),
-            "history": result.history,
-        },
+        training=training_record(config, result),
         trajectory=result.trajectory,
+        overwrite=overwrite,
+    )
+    return manifest, result
+
+
+def training_record(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
+    return {
+        **dataclasses.asdict(config),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "seconds": round(result.seconds, 2),
+        "seconds_per_epoch_train": round(result.train_seconds / max(result.epochs_run, 1), 3),
+        "history": result.history,
+    }
+
+
+def load_teacher(teacher_dir: str | Path, dataset: Dataset) -> tuple[Teacher, dict[str, Any]]:
+    """Load a teacher artifact and refuse it when it was trained on other data (other splits leak)."""
+    model, manifest = load_model(teacher_dir)
+    recorded = manifest.get("dataset", {}).get("fingerprint")
+    if recorded != dataset.fingerprint:
+        raise CheckpointError(
+            f"teacher {teacher_dir} was trained on dataset {str(recorded)[:12]}…, this dataset is "
+            f"{dataset.fingerprint[:12]}… (other files, or another --valid-seed)"
+        )
+    if model.n_users != dataset.n_users or model.n_items != dataset.n_items:
+        raise CheckpointError(
+            f"teacher has {model.n_users} users × {model.n_items} items, the dataset "
+            f"{dataset.n_users} × {dataset.n_items}"
+        )
+    return Teacher(model), manifest
+
+
+def distill_and_save(
+    data: str | Path | Dataset,
+    teacher_dir: str | Path,
+    method: str,
+    out_dir: str | Path,
+    *,
+    student_arch: str = "mf",
+    student_params: dict[str, Any] | None = None,
+    method_options: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
+    valid_seed: int = 0,
+    on_progress: Callable[[Progress], None] | None = None,
+    overwrite: bool = False,
+) -> tuple[dict[str, Any], TrainResult]:
+    """Distil a teacher artifact into a student with ``method`` ('none': the student alone)."""
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, valid_seed=valid_seed)
+    config = config or TrainConfig(**TRAIN_DEFAULTS[student_arch])
+    teacher, teacher_manifest = load_teacher(teacher_dir, dataset)
+    seed_everything(config.seed)
+    params = {**MODEL_DEFAULTS[student_arch], "dim": 20, **(student_params or {})}
+    student = build_model(student_arch, dataset, **params)
+    teacher.to(config.resolved_device())
+    distiller = None
+    if method != "none":
+        distiller = make_distiller(method, teacher, dataset, seed=config.seed, **(method_options or {}))
+    result = train(student, dataset, config, distiller=distiller, on_progress=on_progress)
+    manifest = save_artifact(
+        out_dir,
+        student,
+        role="student",
+        dataset=dataset_record(dataset),
+        metrics=full_report(student, dataset),
+        training=training_record(config, result),
+        extra={
+            "kd": distiller.settings() if distiller else {"method": "none"},
+            "teacher": {
+                "id": teacher_manifest.get("id"),
+                "arch": teacher_manifest.get("arch"),
+                "hyperparameters": teacher_manifest.get("hyperparameters"),
+                "n_parameters": teacher_manifest.get("n_parameters"),
+                "metrics": teacher_manifest.get("metrics"),
+            },
+        },
         overwrite=overwrite,
     )
     return manifest, result

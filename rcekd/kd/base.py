@@ -1,0 +1,163 @@
+"""The frozen teacher and the one base class every KD method implements.
+
+A distiller refreshes what it needs from the student once per epoch (``on_epoch_start``, no
+gradients) and returns its KD term for a batch (``loss``). Per METHOD.md §2 step 8 the KD term is
+computed for each batch row's user and summed; since rows of one user share the term, it is computed
+once per distinct user and weighted by the user's row count — the same value, far cheaper.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from rcekd.data import Dataset
+from rcekd.models.base import Batch, Recommender
+
+#: scores held per chunk when ranking all items (float32 → 128 MiB)
+CHUNK_SCORES = 2**25
+
+
+def topk_items(
+    user_vecs: torch.Tensor, item_vecs: torch.Tensor, k: int, exclude: sp.csr_matrix | None = None
+) -> torch.Tensor:
+    """int64[n_users, k]: each user's k best items by dot product, in user chunks, best first.
+
+    ``exclude`` (users × items) removes items from a user's ranking (e.g. training items).
+    """
+    n_users, n_items = user_vecs.shape[0], item_vecs.shape[0]
+    k = min(k, n_items)
+    chunk = max(1, CHUNK_SCORES // max(n_items, 1))
+    out = torch.empty(n_users, k, dtype=torch.int64, device=user_vecs.device)
+    for start in range(0, n_users, chunk):
+        stop = min(start + chunk, n_users)
+        scores = user_vecs[start:stop] @ item_vecs.T
+        if exclude is not None:
+            coo = exclude[start:stop].tocoo()
+            rows = torch.from_numpy(coo.row.astype(np.int64)).to(scores.device)
+            cols = torch.from_numpy(coo.col.astype(np.int64)).to(scores.device)
+            scores[rows, cols] = -torch.inf
+        out[start:stop] = scores.topk(k, dim=1).indices
+    return out
+
+
+def rowwise_isin(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """bool[b, k]: values[r, j] occurs in pool[r, :] (broadcast compare; callers chunk the rows)."""
+    return (values.unsqueeze(2) == pool.unsqueeze(1)).any(2)
+
+
+def user_chunks(n_users: int, per_user: int, budget: int = 2**26) -> list[tuple[int, int]]:
+    """(start, stop) row ranges so that temporaries of ``per_user`` elements a user stay under ``budget``."""
+    step = max(1, budget // max(per_user, 1))
+    return [(start, min(start + step, n_users)) for start in range(0, n_users, step)]
+
+
+class Teacher:
+    """A frozen teacher with vectors: its scores for any (user, items) set, computed on demand.
+
+    ``logit_scale`` multiplies its scores (cosine teachers such as HSTU give nearly flat softmaxes
+    unless their logits are scaled; the default for them is 1 / their training temperature).
+    """
+
+    def __init__(self, model: Recommender, logit_scale: float | None = None, device: torch.device | None = None):
+        self.model = model
+        self.arch = model.arch
+        self.logit_scale = float(logit_scale if logit_scale is not None else default_logit_scale(model))
+        device = device or model.device
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            users, items = model.all_vectors()
+        model.train(was_training)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.user_vecs = users.detach().to(device)
+        self.item_vecs = items.detach().to(device)
+
+    def to(self, device: torch.device | str) -> Teacher:
+        self.user_vecs = self.user_vecs.to(device)
+        self.item_vecs = self.item_vecs.to(device)
+        return self
+
+    @property
+    def n_users(self) -> int:
+        return self.user_vecs.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.item_vecs.shape[0]
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """float[b, k] scaled teacher logits of ``items`` (int64[b, k]) for ``users`` (int64[b])."""
+        return torch.einsum("bd,bkd->bk", self.user_vecs[users], self.item_vecs[items]) * self.logit_scale
+
+    def topk(self, k: int, exclude: sp.csr_matrix | None = None) -> torch.Tensor:
+        return topk_items(self.user_vecs, self.item_vecs, k, exclude)
+
+
+def default_logit_scale(model: Recommender) -> float:
+    """Cosine models are trained with logits / temperature; their KD logits get the same scale."""
+    temperature = model.hparams.get("temperature")
+    return 1.0 / temperature if model.arch == "hstu" and temperature else 1.0
+
+
+def student_vectors(student: Recommender) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's current vectors without gradients, in eval mode (no dropout)."""
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        users, items = student.all_vectors()
+    student.train(was_training)
+    return users, items
+
+
+def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-row CE(softmax(t), softmax(s)) over the entries where ``valid``; 0 for rows with none."""
+    neg_inf = torch.tensor(-torch.inf, device=teacher_logits.device)
+    t = torch.where(valid, teacher_logits, neg_inf)
+    s = torch.where(valid, student_logits, neg_inf)
+    has_any = valid.any(1, keepdim=True)
+    t = torch.where(has_any, t, torch.zeros_like(t))
+    s = torch.where(has_any, s, torch.zeros_like(s))
+    target = torch.softmax(t, dim=1)
+    log_q = torch.log_softmax(s, dim=1)
+    return -(target * torch.where(valid, log_q, torch.zeros_like(log_q))).sum(1) * has_any.squeeze(1)
+
+
+class Distiller(ABC):
+    """A KD method: a loss added to the student's own loss with weight ``weight`` (λ)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, teacher: Teacher, dataset: Dataset, weight: float = 1.0, seed: int = 0, **options: Any):
+        self.teacher = teacher
+        self.dataset = dataset
+        self.weight = weight
+        self.seed = seed
+        self.options = options
+        self.generator = torch.Generator(device=teacher.user_vecs.device).manual_seed(seed)
+
+    def settings(self) -> dict[str, Any]:
+        """What the manifest records: the method, λ and every option."""
+        return {
+            "method": self.name,
+            "weight": self.weight,
+            "teacher_logit_scale": self.teacher.logit_scale,
+            **self.options,
+        }
+
+    @abstractmethod
+    def on_epoch_start(self, student: Recommender, epoch: int) -> None:
+        """Refresh per-epoch state from the student (no gradients)."""
+
+    @abstractmethod
+    def user_loss(self, users: torch.Tensor, student: Recommender) -> torch.Tensor:
+        """float[len(users)]: the KD term of each (distinct) user."""
+
+    def loss(self, batch: Batch, student: Recommender) -> torch.Tensor:
+        users, counts = torch.unique(student.batch_users(batch), return_counts=True)
+        return self.weight * (self.user_loss(users, student) * counts).sum()
