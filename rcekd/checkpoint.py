@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rcekd.models import Recommender, model_from_config
@@ -92,8 +92,13 @@ def save_artifact(
         if out_dir.exists():
             graveyard = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
             os.replace(out_dir, graveyard / "old")
-            os.replace(staging, out_dir)
-            shutil.rmtree(graveyard, ignore_errors=True)
+            try:
+                os.replace(staging, out_dir)
+            except BaseException:
+                os.replace(graveyard / "old", out_dir)  # never lose the artifact being replaced
+                raise
+            finally:
+                shutil.rmtree(graveyard, ignore_errors=True)
         else:
             os.replace(staging, out_dir)
     except BaseException:
@@ -126,7 +131,7 @@ def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
@@ -148,6 +153,10 @@ def model_from_weights(config: dict[str, Any], state: dict[str, torch.Tensor]) -
                 f"weight {name} has shape {tuple(state[name].shape)}, config expects {tuple(tensor.shape)}"
             )
     model.load_state_dict(state, strict=True)
+    try:
+        model.check_buffers()
+    except ValueError as exc:
+        raise CheckpointError(f"weights do not fit {config.get('arch')}: {exc}") from exc
     return model
 
 

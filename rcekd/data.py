@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 SPLITS = ("train", "valid", "test")
+READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile)
 
 
 class DataError(ValueError):
@@ -147,9 +148,31 @@ def _find_split_file(directory: Path, split: str) -> Path | None:
     return None
 
 
-def read_user_lines(path: Path) -> dict[int, np.ndarray]:
+def _bad_token(tokens: list[str]) -> str:
+    """The first token that is not an int64 (numpy does not say which one failed)."""
+    for token in tokens:
+        try:
+            if -(2**63) <= int(token) < 2**63:
+                continue
+        except ValueError:
+            pass
+        return token
+    return " ".join(tokens)
+
+
+@dataclass
+class UserLines:
+    """Parsed ``u i1 i2 ...`` lines: items per user, and each user's line number for error messages."""
+
+    path: Path
+    rows: dict[int, np.ndarray]
+    line_of: dict[int, int]
+
+
+def read_user_lines(path: Path) -> UserLines:
     """Parse ``u i1 i2 ...`` lines; the error names the file, the line and the offending token."""
     rows: dict[int, np.ndarray] = {}
+    line_of: dict[int, int] = {}
     try:
         with _open_text(path) as handle:
             for line_no, line in enumerate(handle, start=1):
@@ -159,8 +182,7 @@ def read_user_lines(path: Path) -> dict[int, np.ndarray]:
                 try:
                     values = np.array(tokens, dtype=np.int64)
                 except (ValueError, OverflowError):
-                    bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-                    raise DataError(f"{path}:{line_no}: {bad!r} is not an integer id") from None
+                    raise DataError(f"{path}:{line_no}: {_bad_token(tokens)!r} is not an integer id") from None
                 if (values < 0).any():
                     raise DataError(f"{path}:{line_no}: negative id {int(values[values < 0][0])}")
                 user, items = int(values[0]), values[1:]
@@ -169,17 +191,19 @@ def read_user_lines(path: Path) -> dict[int, np.ndarray]:
                 if len(np.unique(items)) != len(items):
                     raise DataError(f"{path}:{line_no}: user {user} lists an item twice")
                 rows[user] = items
-    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+                line_of[user] = line_no
+    except READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read ({exc})") from exc
-    return rows
+    return UserLines(path, rows, line_of)
 
 
-def _check_bounds(rows: dict[int, np.ndarray], path: Path, n_users: int, n_items: int) -> None:
-    for user, items in rows.items():
+def _check_bounds(lines: UserLines, n_users: int, n_items: int) -> None:
+    for user, items in lines.rows.items():
+        where = f"{lines.path}:{lines.line_of[user]}"
         if user >= n_users:
-            raise DataError(f"{path}: user id {user} is beyond the declared n_users={n_users}")
+            raise DataError(f"{where}: user id {user} is beyond the declared n_users={n_users}")
         if len(items) and items.max() >= n_items:
-            raise DataError(f"{path}: user {user} has item id {int(items.max())} >= n_items={n_items}")
+            raise DataError(f"{where}: user {user} has item id {int(items.max())} >= n_items={n_items}")
 
 
 def carve_validation(train: Interactions, seed: int, fraction: float = 0.1) -> tuple[Interactions, Interactions]:
@@ -209,7 +233,8 @@ def _load_directory(directory: Path, name: str, valid_seed: int, valid_fraction:
     for required in ("train", "test"):
         if paths[required] is None:
             raise DataError(f"{directory}: no {required} file (looked for {required}.txt[.gz])")
-    rows = {split: read_user_lines(path) for split, path in paths.items() if path is not None}
+    parsed = {split: read_user_lines(path) for split, path in paths.items() if path is not None}
+    rows = {split: lines.rows for split, lines in parsed.items()}
     for split in ("train", "test"):
         if not any(len(items) for items in rows[split].values()):
             raise DataError(f"{paths[split]}: the file holds no interactions")
@@ -227,8 +252,8 @@ def _load_directory(directory: Path, name: str, valid_seed: int, valid_fraction:
     )
     n_users = int(meta.get("n_users", observed_users))
     n_items = int(meta.get("n_items", observed_items))
-    for split, split_rows in rows.items():
-        _check_bounds(split_rows, paths[split], n_users, n_items)
+    for lines in parsed.values():
+        _check_bounds(lines, n_users, n_items)
 
     parts = {split: Interactions.from_rows(r, n_users) for split, r in rows.items()}
     carved = "valid" not in parts
@@ -252,6 +277,18 @@ def _load_table(path: Path, name: str) -> Dataset:
     users_raw: list[str] = []
     items_raw: list[str] = []
     stamps: list[float] = []
+    try:
+        _read_table_rows(path, delimiter, users_raw, items_raw, stamps)
+    except READ_ERRORS as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    if not users_raw:
+        raise DataError(f"{path}: the file holds no interactions")
+    return _split_table(path, name, users_raw, items_raw, stamps)
+
+
+def _read_table_rows(
+    path: Path, delimiter: str, users_raw: list[str], items_raw: list[str], stamps: list[float]
+) -> None:
     with _open_text(path) as handle:
         for line_no, record in enumerate(csv.reader(handle, delimiter=delimiter), start=1):
             if not record or all(not cell.strip() for cell in record):
@@ -272,9 +309,10 @@ def _load_table(path: Path, name: str) -> Dataset:
             users_raw.append(user)
             items_raw.append(item)
             stamps.append(stamp)
-    if not users_raw:
-        raise DataError(f"{path}: the file holds no interactions")
 
+
+def _split_table(path: Path, name: str, users_raw: list[str], items_raw: list[str], stamps: list[float]) -> Dataset:
+    """Remap ids, order each user's items in time, drop repeats, split 8:1:1 per user."""
     user_ids, users = np.unique(np.array(users_raw), return_inverse=True)
     item_ids, items = np.unique(np.array(items_raw), return_inverse=True)
     n_users, n_items = len(user_ids), len(item_ids)

@@ -75,6 +75,12 @@ def write_rows(path: Path, rows: Rows) -> Path:
     return path
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # LightGCN's CSR graph triggers torch's "beta" notices on every build; they say nothing about rcekd
+    for text in ("Sparse CSR tensor support is in beta", "Sparse invariant checks are implicitly disabled"):
+        config.addinivalue_line("filterwarnings", f"ignore:{text}:UserWarning")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _single_thread() -> Iterator[None]:
     """Tiny tensors: one thread is faster, deterministic, and polite to a shared 2-core machine."""

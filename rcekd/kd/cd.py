@@ -47,7 +47,9 @@ class CD(Distiller):
         user_vecs, item_vecs = student_vectors(student)
         candidates = topk_items(user_vecs, item_vecs, self.mxK, exclude=self.train_csr)
         parts: dict[str, list[torch.Tensor]] = {}
-        for start, stop in user_chunks(candidates.shape[0], self.mxK):
+        # teacher.score materialises n_samples × d floats a user
+        per_user = max(self.mxK, self.n_samples * self.teacher.user_vecs.shape[1])
+        for start, stop in user_chunks(candidates.shape[0], per_user):
             for name, value in self._draw(start, stop, candidates[start:stop]).items():
                 parts.setdefault(name, []).append(value)
         self.state = {name: torch.cat(values) for name, values in parts.items()}

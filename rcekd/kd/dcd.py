@@ -79,13 +79,19 @@ class DCD(Distiller):
         train = dataset.csr("train")
         # (query side, its exclusion CSR, its allowed counts, teacher top list) for users, then items
         self.sides: dict[str, dict[str, Any]] = {
-            "user": {"exclude": train, "allowed": allowed_counts(train, device),
-                     "teacher_top": topk_items(teacher.user_vecs, teacher.item_vecs, mxK, train)},
+            "user": {
+                "exclude": train,
+                "allowed": allowed_counts(train, device),
+                "teacher_top": topk_items(teacher.user_vecs, teacher.item_vecs, mxK, train),
+            },
         }
         if icd:
             train_t = train.T.tocsr()
-            self.sides["item"] = {"exclude": train_t, "allowed": allowed_counts(train_t, device),
-                                  "teacher_top": topk_items(teacher.item_vecs, teacher.user_vecs, mxK, train_t)}
+            self.sides["item"] = {
+                "exclude": train_t,
+                "allowed": allowed_counts(train_t, device),
+                "teacher_top": topk_items(teacher.item_vecs, teacher.user_vecs, mxK, train_t),
+            }
         self.icd_active = icd  # switched off for good by the first batch without positive items
         self.state: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -98,7 +104,10 @@ class DCD(Distiller):
             self.state["item"] = self._side("item", (item_vecs, user_vecs), (t_item, t_user))
 
     def _side(
-        self, side: str, student_vecs: tuple[torch.Tensor, torch.Tensor], teacher_vecs: tuple[torch.Tensor, torch.Tensor]
+        self,
+        side: str,
+        student_vecs: tuple[torch.Tensor, torch.Tensor],
+        teacher_vecs: tuple[torch.Tensor, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         """Sampled under-/over-estimated lists of every query row (user, or item for ICD)."""
         spec = self.sides[side]
@@ -144,8 +153,13 @@ class DCD(Distiller):
         over, over_valid = student_top.gather(1, over_pos), valid.gather(1, over_pos)
         # an item drawn on both sides (equal ranks) would be ranked above itself: keep it above only
         over_valid &= ~rowwise_isin(over, under.masked_fill(~under_valid, -1))
-        return {"under": under, "under_valid": under_valid, "over": over, "over_valid": over_valid,
-                "under_weight": w_under.gather(1, under_pos)}
+        return {
+            "under": under,
+            "under_valid": under_valid,
+            "over": over,
+            "over_valid": over_valid,
+            "under_weight": w_under.gather(1, under_pos),
+        }
 
     # -------------------------------------------------------------------------------- per batch
     def _correction(self, side: str, rows: torch.Tensor, scorer: Any) -> torch.Tensor:

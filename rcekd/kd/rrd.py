@@ -153,7 +153,9 @@ class RRD(Distiller):
         positions = gumbel_topk(log_weights, self.K, self.generator).sort(1).values  # teacher-rank order
         users = torch.arange(start, stop, device=device)
         n_items = self.teacher.n_items
-        forbidden = torch.cat([pair_keys(self.train_csr, start, stop, device), (users.unsqueeze(1) * n_items + top).flatten()])
+        forbidden = torch.cat(
+            [pair_keys(self.train_csr, start, stop, device), (users.unsqueeze(1) * n_items + top).flatten()]
+        )
         below, below_valid = sample_excluding(users, self.L, n_items, forbidden, self.generator)
         return {
             "interesting": top.gather(1, positions),
@@ -168,4 +170,6 @@ class RRD(Distiller):
         s = self.state
         items = torch.cat([s["interesting"][users], s["below"][users]], 1)
         logits = student.score(users, items)  # one call: LightGCN propagates once per score()
-        return listwise_loss(logits[:, : self.K], logits[:, self.K :], s["interesting_valid"][users], s["below_valid"][users])
+        return listwise_loss(
+            logits[:, : self.K], logits[:, self.K :], s["interesting_valid"][users], s["below_valid"][users]
+        )

@@ -79,6 +79,13 @@ class Recommender(nn.Module, ABC):
         """The user of each row of a batch (the KD term is computed per row's user)."""
         return batch["users"]
 
+    def check_buffers(self) -> None:
+        """Raise ValueError when a data buffer (edges, histories) does not fit the model's sizes.
+
+        Loaded checkpoints may come from strangers: an out-of-range id would otherwise reach native
+        sparse kernels, which do not bounds-check.
+        """
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         # Data buffers (graph edges, histories) start empty in a model built from its config alone;
         # take the saved shape so load_state_dict's shape check passes and the data arrives.
@@ -114,9 +121,12 @@ def bpr_batches(
         if len(todo) == 0:
             break
         negatives[todo] = rng.integers(0, n_items, size=len(todo))
-    order = rng.permutation(len(users))
+    # a user holding (nearly) every item may still clash after all rounds: drop those rows
+    keep = np.ones(len(users), dtype=bool)
+    keep[todo] = False
+    order = rng.permutation(np.flatnonzero(keep))
     triples = torch.from_numpy(np.stack([users[order], positives[order], negatives[order]]))
-    for start in range(0, len(users), batch_size):
+    for start in range(0, len(order), batch_size):
         chunk = triples[:, start : start + batch_size].to(device)
         yield {"users": chunk[0], "pos": chunk[1], "neg": chunk[2]}
 

@@ -102,6 +102,13 @@ class HSTU(Recommender):
             histories = torch.from_numpy(self.left_padded(train, max_len))
         self.register_buffer("histories", histories)
 
+    def check_buffers(self) -> None:
+        expected = (self.n_users, self.hparams["max_len"])
+        if tuple(self.histories.shape) != expected:
+            raise ValueError(f"histories must have shape {expected}, got {tuple(self.histories.shape)}")
+        if self.histories.numel() and (self.histories.min() < 0 or self.histories.max() > self.n_items):
+            raise ValueError(f"histories hold tokens outside 0..{self.n_items}")
+
     @staticmethod
     def left_padded(train: Interactions, max_len: int) -> np.ndarray:
         """int64[n_users, max_len]: each user's last ``max_len`` items as tokens (item + 1), right-aligned."""

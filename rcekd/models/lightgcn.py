@@ -17,6 +17,23 @@ from rcekd.data import Interactions
 from rcekd.models.base import Batch, Recommender, bpr_batches, bpr_loss
 
 
+class _Propagate(torch.autograd.Function):
+    """``matrix @ dense`` whose backward uses the precomputed transpose.
+
+    torch's own backward for a sparse @ dense product transposes and coalesces the sparse matrix on
+    every call, which made a CiteULike epoch ~30× slower than the forward pass alone.
+    """
+
+    @staticmethod
+    def forward(ctx, matrix: torch.Tensor, transposed: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.transposed = transposed
+        return matrix @ dense
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
+        return None, None, ctx.transposed @ grad
+
+
 class LightGCN(Recommender):
     arch = "lightgcn"
 
@@ -57,17 +74,24 @@ class LightGCN(Recommender):
             deg_i = torch.bincount(items, minlength=self.n_items).float().clamp(min=1)
             values = deg_u[users].rsqrt() * deg_i[items].rsqrt()
             shape = (self.n_users, self.n_items)
-            forward = torch.sparse_coo_tensor(self.edges, values, shape).coalesce().to_sparse_csr()
-            backward = torch.sparse_coo_tensor(self.edges.flip(0), values, shape[::-1]).coalesce().to_sparse_csr()
-            self._graph = (forward, backward)
+            forward = torch.sparse_coo_tensor(self.edges, values, shape, check_invariants=True)
+            backward = torch.sparse_coo_tensor(self.edges.flip(0), values, shape[::-1], check_invariants=True)
+            self._graph = (forward.coalesce().to_sparse_csr(), backward.coalesce().to_sparse_csr())
         return self._graph
+
+    def check_buffers(self) -> None:
+        edges = self.edges
+        if edges.dim() != 2 or edges.shape[0] != 2:
+            raise ValueError(f"edges must have shape (2, n_edges), got {tuple(edges.shape)}")
+        if edges.numel() and (edges.min() < 0 or edges[0].max() >= self.n_users or edges[1].max() >= self.n_items):
+            raise ValueError(f"edges hold ids outside {self.n_users} users × {self.n_items} items")
 
     def all_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         forward, backward = self.graph()
         users, items = self.user_emb.weight, self.item_emb.weight
         sum_users, sum_items = users, items
         for _ in range(self.hparams["n_layers"]):
-            users, items = forward @ items, backward @ users
+            users, items = _Propagate.apply(forward, backward, items), _Propagate.apply(backward, forward, users)
             sum_users = sum_users + users
             sum_items = sum_items + items
         scale = 1.0 / (self.hparams["n_layers"] + 1)
