@@ -57,14 +57,14 @@ class RowSparseAdam(torch.optim.Optimizer):
     @staticmethod
     def _sparse_update(param, state, group, step_size: float, bias2: float) -> None:  # type: ignore[no-untyped-def]
         beta1, beta2 = group["betas"]
-        grad = param.grad.coalesce()
+        grad = param.grad.coalesce()  # sums the rows a batch touched several times
         rows = grad.indices()[0]
         values = grad.values()
         if group["weight_decay"]:
-            values = values + group["weight_decay"] * param[rows]
-        exp_avg = state["exp_avg"][rows].lerp_(values, 1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
-        state["exp_avg"][rows] = exp_avg
-        state["exp_avg_sq"][rows] = exp_avg_sq
-        denom = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
-        param.index_add_(0, rows, exp_avg / denom, alpha=-step_size)
+            values = values.add(param.index_select(0, rows), alpha=group["weight_decay"])
+        exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        update = exp_avg.div_(exp_avg_sq.div_(bias2).sqrt_().add_(group["eps"]))
+        param.index_add_(0, rows, update, alpha=-step_size)

@@ -133,7 +133,10 @@ def distill_and_save(
     teacher.to(config.resolved_device())
     distiller = None
     if method != "none":
-        distiller = make_distiller(method, teacher, dataset, seed=config.seed, **(method_options or {}))
+        options = dict(method_options or {})
+        if method == "hetcomp":
+            options.setdefault("trajectory", str(teacher_dir))  # its training checkpoints
+        distiller = make_distiller(method, teacher, dataset, seed=config.seed, **options)
     result = train(student, dataset, config, distiller=distiller, on_progress=on_progress)
     manifest = save_artifact(
         out_dir,

@@ -30,6 +30,8 @@ class Distiller(Protocol):
 
     def loss(self, batch: Batch, student: Recommender) -> torch.Tensor: ...
 
+    def diagnostics(self) -> dict[str, Any]: ...
+
 
 @dataclass
 class TrainConfig:
@@ -116,9 +118,10 @@ def train(
             distiller.on_epoch_start(model, epoch)
         total = 0.0
         for batch in model.batches(dataset.train, config.batch_size, rng):
-            loss = model.base_loss(batch)
-            if distiller is not None:
-                loss = loss + distiller.loss(batch, model)
+            with model.one_step():
+                loss = model.base_loss(batch)
+                if distiller is not None:
+                    loss = loss + distiller.loss(batch, model)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
@@ -128,6 +131,8 @@ def train(
         train_seconds += time.perf_counter() - epoch_start
 
         record: dict[str, Any] = {"epoch": epoch, "loss": total, "seconds": time.perf_counter() - epoch_start}
+        if distiller is not None and (diagnostics := distiller.diagnostics()):
+            record["kd"] = diagnostics
         valid_ndcg = None
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             valid_ndcg = evaluate_model(model, dataset, "valid", ks=(10,))["ndcg@10"]

@@ -75,6 +75,7 @@ class Teacher:
         model.train(was_training)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+            parameter.grad = None  # frozen: leftovers of its own training are dropped
         self.user_vecs = users.detach().to(device)
         self.item_vecs = items.detach().to(device)
 
@@ -157,6 +158,10 @@ class Distiller(ABC):
     @abstractmethod
     def user_loss(self, users: torch.Tensor, student: Recommender) -> torch.Tensor:
         """float[len(users)]: the KD term of each (distinct) user."""
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Per-epoch figures worth logging (e.g. RCE-KD's mean γ); none by default."""
+        return {}
 
     def loss(self, batch: Batch, student: Recommender) -> torch.Tensor:
         users, counts = torch.unique(student.batch_users(batch), return_counts=True)

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from rcekd.data import Dataset
 from rcekd.kd.base import Distiller, Teacher, student_vectors, topk_items, user_chunks
-from rcekd.kd.rcekd import gumbel_topk
-from rcekd.kd.rrd import allowed_counts
+from rcekd.kd.sampling import allowed_counts, gumbel_topk
 from rcekd.models.base import Recommender
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from rcekd.data import Dataset
 from rcekd.kd.base import Distiller, Teacher, rowwise_isin, student_vectors, topk_items, user_chunks
-from rcekd.kd.rrd import MASKED, allowed_counts, listwise_loss, pair_keys, sample_excluding
+from rcekd.kd.sampling import MASKED, allowed_counts, listwise_loss, pair_keys, sample_excluding
 from rcekd.models.base import Recommender
 
 
@@ -48,8 +48,11 @@ def overlap_discrepancy(student_top: torch.Tensor, target_top: torch.Tensor, dec
     k = student_top.shape[1]
     position = torch.arange(k, device=student_top.device, dtype=torch.float32)
     gain = (2 ** torch.exp(-position / decay) - 1) / torch.log2(position + 2)
-    hits = rowwise_isin(student_top, target_top).float()
-    return 1 - (hits * gain).sum(1) / gain.sum()
+    parts = []
+    for start, stop in user_chunks(student_top.shape[0], k * target_top.shape[1]):  # isin is b × k × k
+        hits = rowwise_isin(student_top[start:stop], target_top[start:stop]).float()
+        parts.append(1 - (hits * gain).sum(1) / gain.sum())
+    return torch.cat(parts)
 
 
 def sample_positives(
@@ -74,6 +77,10 @@ def sample_positives(
 
 
 class HetComp(Distiller):
+    """``trajectory``: the teacher's checkpoints early → final (``teacher`` itself last), or the teacher's
+    artifact directory (loaded by :func:`load_trajectory`: 3 evenly spaced earlier checkpoints + ``teacher``).
+    """
+
     name = "hetcomp"
 
     def __init__(
@@ -83,7 +90,7 @@ class HetComp(Distiller):
         weight: float = 0.005,
         seed: int = 0,
         *,
-        trajectory: list[Teacher] | None = None,
+        trajectory: list[Teacher] | str | Path | None = None,
         top_k: int = 50,
         p: int = 10,
         alpha: float = 1.05,
@@ -92,10 +99,13 @@ class HetComp(Distiller):
         n_negatives: int = 100,
         final_ranking: bool = True,
     ) -> None:
+        if isinstance(trajectory, str | Path):  # a teacher artifact directory (what a CLI can pass)
+            trajectory = load_trajectory(trajectory, teacher, device=teacher.user_vecs.device)
         if trajectory is None or len(trajectory) < 2:
             raise ValueError(
-                "HetComp needs the teacher's training trajectory (≥ 2 checkpoints, early → final); "
-                "this teacher has none: retrain it with trajectory checkpoints (--trajectory-every)"
+                "HetComp needs the teacher's training trajectory (≥ 2 checkpoints, early → final), got "
+                f"{0 if trajectory is None else len(trajectory)}: retrain the teacher with trajectory checkpoints "
+                "(--trajectory-every)"
             )
         if any(t.n_users != dataset.n_users or t.n_items != dataset.n_items for t in trajectory):
             raise ValueError("every trajectory checkpoint must have the dataset's users and items")

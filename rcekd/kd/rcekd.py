@@ -19,6 +19,7 @@ import torch
 
 from rcekd.data import Dataset
 from rcekd.kd.base import Distiller, Teacher, rowwise_isin, soft_cross_entropy, student_vectors, topk_items, user_chunks
+from rcekd.kd.sampling import gumbel_topk
 from rcekd.models.base import Recommender
 
 GAMMA_MODES = ("paper", "sampled")
@@ -31,13 +32,6 @@ def sampling_counts(teacher_top: torch.Tensor, candidates: torch.Tensor) -> torc
     at_position = rowwise_isin(candidates, teacher_top)  # candidate j is a teacher item
     reverse_cumsum = at_position.flip(1).cumsum(1).flip(1)
     return reverse_cumsum.clamp(max=Z_CAP)
-
-
-def gumbel_topk(log_weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of k draws without replacement per row with p ∝ exp(log_weights)."""
-    uniform = torch.rand(log_weights.shape, generator=generator, device=log_weights.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
-    return (log_weights + gumbel).topk(k, dim=1).indices
 
 
 class RCEKD(Distiller):

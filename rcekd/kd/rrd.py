@@ -12,100 +12,12 @@ Only the teacher's *ranks* are used, so its logit scale does not matter here.
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 
 from rcekd.data import Dataset
 from rcekd.kd.base import Distiller, Teacher, user_chunks
-from rcekd.kd.rcekd import gumbel_topk
+from rcekd.kd.sampling import allowed_counts, gumbel_topk, listwise_loss, pair_keys, sample_excluding
 from rcekd.models.base import Recommender
-
-#: stands in for −∞ on masked entries: exp() of it is 0, yet differences of two of them stay finite,
-#: so masked rows never produce NaN gradients (−∞ − −∞ would)
-MASKED = -1e9
-
-
-def listwise_loss(
-    ranked_logits: torch.Tensor,
-    below_logits: torch.Tensor,
-    ranked_valid: torch.Tensor | None = None,
-    below_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """float[b]: −log Plackett–Luce likelihood of the ranked list (best first), all above ``below``.
-
-    −Σ_k [ s_k − log( Σ_{j≥k} e^{s_j} + Σ_l e^{b_l} ) ] over the valid ranked entries; computed with a
-    reversed logcumsumexp and one logsumexp so large logits cannot overflow. Rows without a valid
-    ranked entry give 0. Invalid ranked entries are skipped (they join neither a numerator nor a tail).
-    """
-    s = ranked_logits if ranked_valid is None else ranked_logits.masked_fill(~ranked_valid, MASKED)
-    b = below_logits if below_valid is None else below_logits.masked_fill(~below_valid, MASKED)
-    tail = torch.logcumsumexp(s.flip(1), dim=1).flip(1)  # log Σ_{j ≥ k} e^{s_j}
-    below = torch.logsumexp(b, dim=1, keepdim=True) if b.shape[1] else torch.full_like(s[:, :1], MASKED)
-    terms = s - torch.logaddexp(tail, below)
-    if ranked_valid is not None:
-        terms = terms * ranked_valid
-    return -terms.sum(1)
-
-
-def allowed_counts(exclude: sp.csr_matrix, device: torch.device) -> torch.Tensor:
-    """int64[rows]: how many columns each row may rank (all minus the excluded ones).
-
-    ``topk_items`` puts excluded columns last (score −∞), so position j of a row's list is a real
-    candidate iff j < allowed[row]; only matters when a list is longer than that (tiny catalogues).
-    """
-    counts = exclude.shape[1] - np.diff(exclude.indptr)
-    return torch.from_numpy(counts.astype(np.int64)).to(device)
-
-
-def pair_keys(exclude: sp.csr_matrix, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """int64[nnz]: row * n_cols + col of the excluded pairs of rows start..stop-1 (global row ids)."""
-    block = exclude[start:stop]
-    rows = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(block.indptr))
-    keys = rows * exclude.shape[1] + block.indices.astype(np.int64)
-    return torch.from_numpy(keys).to(device)
-
-
-def sample_excluding(
-    rows: torch.Tensor,
-    n_samples: int,
-    n_cols: int,
-    forbidden: torch.Tensor,
-    generator: torch.Generator,
-    rounds: int = 30,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cols int64[b, n], valid bool[b, n]): ~uniform draws per row, no forbidden pair, no repeats.
-
-    ``forbidden`` holds the keys row * n_cols + col that may not be drawn (any order). Draws that hit
-    one, or repeat an earlier draw of the row, are redrawn (all at once) for up to ``rounds`` rounds;
-    what still collides after that (rows with fewer than n allowed columns) is marked invalid.
-    """
-    device = rows.device
-    forbidden = forbidden.sort().values
-    cols = torch.randint(0, n_cols, (rows.shape[0], n_samples), generator=generator, device=device)
-    bad = torch.ones_like(cols, dtype=torch.bool)
-    for _ in range(rounds):
-        fresh = torch.randint(0, n_cols, cols.shape, generator=generator, device=device)
-        cols = torch.where(bad, fresh, cols)
-        bad = _collisions(rows, cols, n_cols, forbidden)
-        if not bad.any():
-            break
-    return cols, ~bad
-
-
-def _collisions(rows: torch.Tensor, cols: torch.Tensor, n_cols: int, forbidden: torch.Tensor) -> torch.Tensor:
-    """bool[b, n]: the draw is forbidden, or an earlier-sorted duplicate of the same row exists."""
-    keys = rows.unsqueeze(1) * n_cols + cols
-    if forbidden.numel():
-        at = torch.searchsorted(forbidden, keys).clamp(max=forbidden.numel() - 1)
-        hit = forbidden[at] == keys
-    else:
-        hit = torch.zeros_like(cols, dtype=torch.bool)
-    ordered, order = cols.sort(1)
-    repeat_sorted = torch.zeros_like(ordered, dtype=torch.bool)
-    repeat_sorted[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-    repeat = torch.zeros_like(repeat_sorted).scatter(1, order, repeat_sorted)
-    return hit | repeat
 
 
 class RRD(Distiller):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,6 +34,17 @@ class Recommender(nn.Module, ABC):
         self.n_users = n_users
         self.n_items = n_items
         self.hparams = dict(hparams)
+        self._step_cache: dict[str, Any] | None = None
+
+    @contextmanager
+    def one_step(self) -> Iterator[None]:
+        """Within one training step, backbones may reuse a forward pass shared by several loss terms
+        (LightGCN's propagation is needed by BPR and by every KD term); outside it nothing is cached."""
+        self._step_cache = {}
+        try:
+            yield
+        finally:
+            self._step_cache = None
 
     # ------------------------------------------------------------------------------- identity
     def config(self) -> dict[str, Any]:

@@ -87,6 +87,13 @@ class LightGCN(Recommender):
             raise ValueError(f"edges hold ids outside {self.n_users} users × {self.n_items} items")
 
     def all_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._step_cache is not None:
+            if "vectors" not in self._step_cache:
+                self._step_cache["vectors"] = self._propagate()
+            return self._step_cache["vectors"]
+        return self._propagate()
+
+    def _propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         forward, backward = self.graph()
         users, items = self.user_emb.weight, self.item_emb.weight
         sum_users, sum_items = users, items

@@ -32,9 +32,7 @@ def small_model(tiny_dataset: Dataset) -> MF:
 
 
 def save(directory: Path, model: MF, dataset: Dataset, **kwargs: Any) -> dict[str, Any]:
-    return save_artifact(
-        directory, model, role="student", dataset=dataset_record(dataset), metrics={}, **kwargs
-    )
+    return save_artifact(directory, model, role="student", dataset=dataset_record(dataset), metrics={}, **kwargs)
 
 
 @pytest.fixture
@@ -157,17 +155,13 @@ def test_save_refuses_a_non_empty_directory_without_overwrite(
     assert (artifact / "manifest.json").read_text() == before
 
 
-def test_save_with_overwrite_replaces_the_old_artifact(
-    artifact: Path, small_model: MF, tiny_dataset: Dataset
-) -> None:
+def test_save_with_overwrite_replaces_the_old_artifact(artifact: Path, small_model: MF, tiny_dataset: Dataset) -> None:
     (artifact / "stale.txt").write_text("from the previous run")
     old_id = json.loads((artifact / "manifest.json").read_text())["id"]
     manifest = save(artifact, small_model, tiny_dataset, overwrite=True)
     assert manifest["id"] != old_id
     assert not (artifact / "stale.txt").exists()
-    assert sorted(p.name for p in artifact.parent.iterdir()) == ["mf"], (
-        "staging or old copies were left behind"
-    )
+    assert sorted(p.name for p in artifact.parent.iterdir()) == ["mf"], "staging or old copies were left behind"
     load_model(artifact)
 
 
@@ -180,9 +174,7 @@ def test_save_into_an_existing_empty_directory_is_allowed(
     load_model(directory)
 
 
-def test_trajectory_checkpoints_are_saved_and_hashed(
-    tmp_path: Path, small_model: MF, tiny_dataset: Dataset
-) -> None:
+def test_trajectory_checkpoints_are_saved_and_hashed(tmp_path: Path, small_model: MF, tiny_dataset: Dataset) -> None:
     states = [(epoch, {k: v * epoch for k, v in small_model.state_dict().items()}) for epoch in (2, 4)]
     manifest = save(tmp_path / "t", small_model, tiny_dataset, trajectory=states)
     paths = rcekd.checkpoint.trajectory_paths(tmp_path / "t")
@@ -309,9 +301,7 @@ sys.exit(1)
 """
 
 
-def test_lightgcn_edges_beyond_the_catalogue_are_refused_at_load(
-    tmp_path: Path, tiny_dataset: Dataset
-) -> None:
+def test_lightgcn_edges_beyond_the_catalogue_are_refused_at_load(tmp_path: Path, tiny_dataset: Dataset) -> None:
     shift = torch.tensor([[0], [500]])
     directory = crafted_artifact(tmp_path / "lgcn", tiny_dataset, "lightgcn", "edges", lambda e: e + shift)
     # in a child process: today this crashes the interpreter (malloc_consolidate: invalid chunk size)

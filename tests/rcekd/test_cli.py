@@ -139,9 +139,7 @@ def test_evaluate_reports_a_missing_artifact(
     assert "not an rcekd artifact directory" in capsys.readouterr().err
 
 
-def test_train_reports_a_bad_dataset_with_its_path(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_train_reports_a_bad_dataset_with_its_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "no-data"
     assert main(train_args(missing, tmp_path / "out")) == 2
     err = capsys.readouterr().err

@@ -35,9 +35,7 @@ def write_dir(directory: Path, **files: str) -> Path:
 
 def test_directory_counts_match_the_generated_files(tiny_dataset: Dataset, tiny_data: TinyData) -> None:
     assert tiny_dataset.n_users == tiny_data.n_users
-    assert tiny_dataset.n_items == 1 + max(
-        i for rows in tiny_data.rows.values() for r in rows.values() for i in r
-    )
+    assert tiny_dataset.n_items == 1 + max(i for rows in tiny_data.rows.values() for r in rows.values() for i in r)
     for split in SPLITS:
         expected = sum(len(items) for items in tiny_data.rows[split].values())
         assert tiny_dataset.split(split).nnz == expected
@@ -93,9 +91,7 @@ def test_fingerprint_changes_when_any_interaction_changes(tmp_path: Path, tiny_d
         directory.mkdir()
         for other in SPLITS:
             write_rows(directory / f"{other}.txt", rows if other == split else tiny_data.rows[other])
-        assert load_dataset(directory).fingerprint != reference, (
-            f"a changed {split} item kept the fingerprint"
-        )
+        assert load_dataset(directory).fingerprint != reference, f"a changed {split} item kept the fingerprint"
 
 
 def test_fingerprint_changes_when_an_item_moves_between_splits(tiny_dataset: Dataset) -> None:
@@ -146,9 +142,7 @@ def test_carve_out_partitions_each_users_training_items() -> None:
         assert kept == [i for i in items if i in set(kept)], "the kept items lost their order"
 
 
-def test_carved_dataset_covers_the_original_training_file(
-    tiny_dataset_carved: Dataset, tiny_data: TinyData
-) -> None:
+def test_carved_dataset_covers_the_original_training_file(tiny_dataset_carved: Dataset, tiny_data: TinyData) -> None:
     assert tiny_dataset_carved.valid_carved
     assert tiny_dataset_carved.valid_seed == 0
     train, valid = rows_of(tiny_dataset_carved.train), rows_of(tiny_dataset_carved.valid)
@@ -255,9 +249,7 @@ def test_table_ids_map_back_to_the_callers_strings(tmp_path: Path) -> None:
     pairs = set()
     for split in SPLITS:
         part = dataset.split(split)
-        pairs |= {
-            (dataset.user_ids[u], dataset.item_ids[i]) for u, i in zip(part.users(), part.items, strict=True)
-        }
+        pairs |= {(dataset.user_ids[u], dataset.item_ids[i]) for u, i in zip(part.users(), part.items, strict=True)}
     assert pairs == {(user, item) for user, item, _ in TABLE}
 
 

@@ -25,9 +25,7 @@ def random_valid_ndcg(tiny_dataset: Dataset) -> float:
     """Validation NDCG@10 of random scores: what a model that learned nothing gets."""
     generator = torch.Generator().manual_seed(0)
     scores = torch.rand(tiny_dataset.n_users, tiny_dataset.n_items, generator=generator)
-    return float(
-        ranking_metrics(lambda users: scores[users].clone(), tiny_dataset, "valid", ks=(10,))["ndcg@10"]
-    )
+    return float(ranking_metrics(lambda users: scores[users].clone(), tiny_dataset, "valid", ks=(10,))["ndcg@10"])
 
 
 def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -109,9 +107,7 @@ class BackboneContract:
     ) -> None:
         model, _ = trained
         users = torch.tensor([3, 0, 39, 12, 3])
-        items = torch.randint(
-            0, tiny_dataset.n_items, (len(users), 9), generator=torch.Generator().manual_seed(1)
-        )
+        items = torch.randint(0, tiny_dataset.n_items, (len(users), 9), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             scores = model.score(users, items)
             from_vectors = (model.user_vectors(users) @ model.item_vectors().T).gather(1, items)
@@ -173,9 +169,7 @@ class BackboneContract:
             assert all(0.0 <= value <= 1.0 for value in block.values())
         assert manifest["n_parameters"] == model.num_parameters()
 
-    def test_manifest_file_hashes_match_the_files_on_disk(
-        self, artifact: tuple[Path, dict[str, Any]]
-    ) -> None:
+    def test_manifest_file_hashes_match_the_files_on_disk(self, artifact: tuple[Path, dict[str, Any]]) -> None:
         directory, manifest = artifact
         on_disk = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()}
         assert set(manifest["files"]) == on_disk - {"manifest.json"}
@@ -299,9 +293,7 @@ class TestHSTU(BackboneContract):
 
 def bpr_epochs(train_part: Interactions, n_items: int, epochs: int, batch_size: int = 7) -> list[list[dict]]:
     rng = np.random.default_rng(0)
-    return [
-        list(bpr_batches(train_part, n_items, batch_size, rng, torch.device("cpu"))) for _ in range(epochs)
-    ]
+    return [list(bpr_batches(train_part, n_items, batch_size, rng, torch.device("cpu"))) for _ in range(epochs)]
 
 
 def crowded_interactions() -> tuple[Interactions, int]:
@@ -317,9 +309,7 @@ def crowded_interactions() -> tuple[Interactions, int]:
 
 def test_bpr_negatives_are_never_training_positives_of_their_user() -> None:
     train_part, n_items = crowded_interactions()
-    positives = {
-        u: set(train_part.items[train_part.indptr[u] : train_part.indptr[u + 1]].tolist()) for u in range(5)
-    }
+    positives = {u: set(train_part.items[train_part.indptr[u] : train_part.indptr[u + 1]].tolist()) for u in range(5)}
     for epoch in bpr_epochs(train_part, n_items, epochs=20):
         for batch in epoch:
             for user, negative in zip(batch["users"].tolist(), batch["neg"].tolist(), strict=True):

@@ -39,9 +39,7 @@ def test_train_and_save_writes_a_loadable_artifact_with_its_training_record(
     assert model.config()["dim"] == 8
 
 
-def test_train_and_save_from_a_path_records_the_carve_seed(
-    tmp_path: Path, tiny_dataset_dir_no_valid: Path
-) -> None:
+def test_train_and_save_from_a_path_records_the_carve_seed(tmp_path: Path, tiny_dataset_dir_no_valid: Path) -> None:
     manifest, _ = train_and_save(
         tiny_dataset_dir_no_valid,
         "mf",
@@ -61,9 +59,7 @@ def test_train_and_save_is_reproducible_for_the_same_seed(tmp_path: Path, tiny_d
     weights = []
     for run, seed in (("a", 1), ("b", 1), ("c", 2)):
         torch.rand(7)  # disturb the global RNG between runs, as other jobs in a worker would
-        train_and_save(
-            tiny_dataset, "mf", tmp_path / run, model_params={"dim": 8}, config=small_config(seed=seed)
-        )
+        train_and_save(tiny_dataset, "mf", tmp_path / run, model_params={"dim": 8}, config=small_config(seed=seed))
         weights.append(load_model(tmp_path / run)[0].state_dict())
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     assert not all(torch.equal(weights[0][name], weights[2][name]) for name in weights[0])

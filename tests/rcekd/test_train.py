@@ -108,9 +108,7 @@ def test_progress_callback_fires_once_per_epoch_in_order(tiny_dataset: Dataset) 
 def test_trajectory_every_keeps_the_expected_epochs(
     tiny_dataset: Dataset, epochs: int, every: int, expected: list[int]
 ) -> None:
-    result = train(
-        mf(tiny_dataset), tiny_dataset, config(epochs=epochs, eval_every=2, trajectory_every=every)
-    )
+    result = train(mf(tiny_dataset), tiny_dataset, config(epochs=epochs, eval_every=2, trajectory_every=every))
     assert [epoch for epoch, _ in result.trajectory] == expected
     if len(result.trajectory) >= 2:
         first, second = result.trajectory[0][1], result.trajectory[1][1]
@@ -177,9 +175,7 @@ def test_row_sparse_adam_touches_only_the_rows_with_gradients() -> None:
     assert sparse.weight.grad is not None and sparse.weight.grad.is_sparse
     assert torch.equal(sparse.weight.detach()[untouched], start[untouched]), "weight decay must stay lazy"
     assert not torch.equal(sparse.weight.detach()[touched], start[touched])
-    torch.testing.assert_close(
-        sparse.weight.detach()[touched], dense.weight.detach()[touched], rtol=1e-12, atol=1e-14
-    )
+    torch.testing.assert_close(sparse.weight.detach()[touched], dense.weight.detach()[touched], rtol=1e-12, atol=1e-14)
     state = opt_sparse.state[sparse.weight]
     assert torch.count_nonzero(state["exp_avg"][untouched]) == 0
     assert torch.count_nonzero(state["exp_avg_sq"][untouched]) == 0

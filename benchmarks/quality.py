@@ -1,0 +1,256 @@
+"""Quality of KD methods for one teacher → student setting: methods × seeds, one budget for all.
+
+Each (variant, seed) is one `distill_and_save` run into runs/quality/<name>/; finished runs are read
+back, so an interrupted benchmark resumes. The summary gives mean ± std of Recall/NDCG@10/20 in both
+protocols, a paired t-test (pairs = same seed) of RCE-KD against the best other variant, and a plot of
+validation NDCG@10 per epoch (seed of the first run) for every variant.
+
+A variant is a method name, optionally with options: ``rcekd``, ``rcekd:ablation=wo_sep``,
+``rcekd:gamma_mode=sampled``, ``cd:weight=1.0``.
+
+Usage:
+  python -m benchmarks.quality --name citeulike_mf_mf --dataset citeulike \
+      --teacher runs/teachers/citeulike-mf400 --variants none ce cd rrd dcd hetcomp rcekd --seeds 0 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, data_dir, write_results
+
+RUNS = Path(__file__).resolve().parents[1] / "runs" / "quality"
+METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``method[:key=value,...]`` → (method, options) with numbers and booleans parsed."""
+    method, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for pair in filter(None, rest.split(",")):
+        key, _, raw = pair.partition("=")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    continue
+        options[key] = value
+    return method, options
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One distillation (in a worker process with one torch thread)."""
+    import torch
+
+    from rcekd.pipeline import distill_and_save
+    from rcekd.train import TrainConfig
+
+    torch.set_num_threads(job["threads"])
+    out = Path(job["out"])
+    if not (out / "manifest.json").is_file():
+        method, options = parse_variant(job["variant"])
+        config = TrainConfig(
+            epochs=job["epochs"],
+            eval_every=job["eval_every"],
+            patience=job["patience"],
+            seed=job["seed"],
+            batch_size=job["batch_size"],
+            lr=job["lr"],
+            weight_decay=job["weight_decay"],
+        )
+        distill_and_save(
+            job["data"],
+            job["teacher"],
+            method,
+            out,
+            student_arch=job["student"],
+            student_params={"dim": job["dim"]},
+            method_options=options,
+            config=config,
+            overwrite=True,
+        )
+    manifest = json.loads((out / "manifest.json").read_text())
+    training = manifest["training"]
+    return {
+        "variant": job["variant"],
+        "seed": job["seed"],
+        "metrics": manifest["metrics"],
+        "kd": manifest["kd"],
+        "best_epoch": training["best_epoch"],
+        "epochs_run": training["epochs_run"],
+        "seconds": training["seconds"],
+        "seconds_per_epoch_train": training["seconds_per_epoch_train"],
+        "valid_curve": [(h["epoch"], h["valid_ndcg@10"]) for h in training["history"] if "valid_ndcg@10" in h],
+    }
+
+
+def summarise(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for variant in variants:
+        mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
+        for block in ("test", "test_paper", "valid"):
+            for metric in METRICS:
+                values = [r["metrics"][block][metric] for r in mine]
+                row[f"{block}/{metric}"] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "values": values,
+                }
+        row["seconds_per_epoch_train"] = statistics.median(r["seconds_per_epoch_train"] for r in mine)
+        row["best_epoch"] = [r["best_epoch"] for r in mine]
+        table[variant] = row
+    return table
+
+
+def significance(table: dict[str, Any], target: str = "rcekd") -> dict[str, Any] | None:
+    """Paired t-test of ``target`` against the best other full method (by mean test NDCG@20)."""
+    from rcekd.metrics import paired_t_test
+
+    if target not in table:
+        return None
+    others = {v: row for v, row in table.items() if v != target and ":" not in v}
+    if not others:
+        return None
+    best = max(others, key=lambda v: others[v]["test/ndcg@20"]["mean"])
+    seeds = sorted(set(table[target]["seeds"]) & set(table[best]["seeds"]))
+    if len(seeds) < 2:
+        return {"against": best, "note": "fewer than 2 shared seeds"}
+
+    def by_seed(variant: str) -> list[float]:
+        values = dict(zip(table[variant]["seeds"], table[variant]["test/ndcg@20"]["values"], strict=True))
+        return [values[s] for s in seeds]
+
+    return {"against": best, "metric": "test/ndcg@20", "seeds": seeds, **paired_t_test(by_seed(target), by_seed(best))}
+
+
+def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    seed = min(r["seed"] for r in runs)
+    for variant in variants:
+        curve = next((r["valid_curve"] for r in runs if r["variant"] == variant and r["seed"] == seed), None)
+        if curve:
+            ax.plot([e for e, _ in curve], [v for _, v in curve], label=variant)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10 (strict)")
+    ax.set_title(f"{path.stem}: validation NDCG@10 per epoch (seed {seed})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(name: str, table: dict[str, Any], test: dict[str, Any] | None, command: str) -> str:
+    lines = [
+        f"# KD quality: {name}",
+        "",
+        "Test split, mean ± std over seeds. Strict protocol; paper protocol NDCG@20 in its own column.",
+        "",
+        "| variant | seeds | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | NDCG@20 (paper) | s/epoch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, row in table.items():
+        cells = [f"{row[f'test/{m}']['mean']:.4f} ± {row[f'test/{m}']['std']:.4f}" for m in METRICS]
+        paper = row["test_paper/ndcg@20"]
+        lines.append(
+            f"| {variant} | {len(row['seeds'])} | "
+            + " | ".join(cells)
+            + f" | {paper['mean']:.4f} ± {paper['std']:.4f} | {row['seconds_per_epoch_train']:.2f} |"
+        )
+    if test:
+        if "p" in test:
+            lines += [
+                "",
+                f"Paired t-test, rcekd vs {test['against']} on test NDCG@20 (seeds {test['seeds']}): "
+                f"mean difference {test['mean_diff']:+.5f}, t = {test['t']:.2f}, one-sided p = {test['p']:.4g}.",
+            ]
+        else:
+            lines += ["", f"Paired t-test vs {test['against']}: {test['note']}."]
+    lines += ["", f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="results name: benchmarks/results/quality_<name>.*")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--teacher", required=True, help="teacher artifact directory")
+    parser.add_argument("--student", default="mf")
+    parser.add_argument("--dim", type=int, default=20)
+    parser.add_argument("--variants", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
+    args = parser.parse_args()
+
+    jobs = [
+        {
+            "variant": variant,
+            "seed": seed,
+            "data": str(data_dir(args.dataset)),
+            "teacher": args.teacher,
+            "student": args.student,
+            "dim": args.dim,
+            "epochs": args.epochs,
+            "eval_every": args.eval_every,
+            "patience": args.patience,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "threads": 1 if args.workers > 1 else os.cpu_count() or 1,
+            "out": str(RUNS / args.name / f"{variant.replace(':', '__').replace('=', '-')}-s{seed}"),
+        }
+        for seed in args.seeds
+        for variant in args.variants
+    ]
+    runs: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        for result in pool.map(run_one, jobs):
+            runs.append(result)
+            test = result["metrics"]["test"]
+            print(
+                f"{result['variant']:<32} seed {result['seed']}  ndcg@20 {test['ndcg@20']:.4f}  "
+                f"recall@20 {test['recall@20']:.4f}  best epoch {result['best_epoch']}",
+                flush=True,
+            )
+    table = summarise(runs, args.variants)
+    test = significance(table)
+    command = "python -m benchmarks.quality " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(runs, args.variants, RESULTS / f"quality_{args.name}.png")
+    write_results(
+        f"quality_{args.name}",
+        {"settings": vars(args), "table": table, "significance": test, "runs": runs},
+        markdown(args.name, table, test, command),
+    )
+    print(markdown(args.name, table, test, command))
+
+
+if __name__ == "__main__":
+    main()
