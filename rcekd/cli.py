@@ -142,15 +142,25 @@ def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
 
 
 class ProgressBar:
-    """A tqdm bar over epochs, fed by the trainer's progress callback."""
+    """Progress on stderr: a tqdm bar on a terminal, one line per validation in a log file."""
 
     def __init__(self, total: int, desc: str, disable: bool) -> None:
-        self.bar = tqdm(total=total, desc=desc, unit="epoch", disable=disable, file=sys.stderr)
+        self.desc = desc
+        self.log_lines = not disable and not sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="epoch", disable=disable or self.log_lines, file=sys.stderr)
 
     def __call__(self, progress: Progress) -> None:
         self.bar.update(1)
         postfix = {"loss": f"{progress.loss:.4g}", "best ndcg@10": f"{progress.best_ndcg:.4f}"}
         self.bar.set_postfix(postfix, refresh=False)
+        if self.log_lines and progress.valid_ndcg is not None:
+            print(
+                f"{self.desc}: epoch {progress.epoch}/{progress.max_epochs} loss {progress.loss:.4g} "
+                f"valid ndcg@10 {progress.valid_ndcg:.4f} (best {progress.best_ndcg:.4f} at {progress.best_epoch}) "
+                f"{progress.seconds:.0f}s elapsed, eta {progress.eta_seconds:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         self.bar.close()

@@ -39,8 +39,12 @@ class HSTUBlock(nn.Module):
         nn.init.xavier_uniform_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x``: float[b, N, d]; ``mask``: float[b, 1, N, N], 1 where query t may read key s."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
+        """``x``: float[b, n, d]; ``mask``: float[b, 1, n, n], 1 where query t may read key s.
+
+        The attention is divided by the padded length ``max_len`` even when the leading all-padding
+        columns were trimmed off (n < max_len): trimming then changes nothing but the cost.
+        """
         b, n = x.shape[0], x.shape[1]
         h, hv, hqk = self.n_heads, self.n_heads * self.dv, self.n_heads * self.dqk
         normed = F.layer_norm(x, (self.dim,))  # a Python int, not x.shape[-1], so ONNX export sees a constant
@@ -48,7 +52,7 @@ class HSTUBlock(nn.Module):
         q = q.reshape(b, n, h, self.dqk).transpose(1, 2)
         k = k.reshape(b, n, h, self.dqk).transpose(1, 2)
         v = v.reshape(b, n, h, self.dv).transpose(1, 2)
-        attn = F.silu(q @ k.transpose(-1, -2)) * (mask / n)  # pointwise: masked keys contribute 0
+        attn = F.silu(q @ k.transpose(-1, -2)) * (mask / max_len)  # pointwise: masked keys contribute 0
         o = (attn @ v).transpose(1, 2).reshape(b, n, hv)
         return x + self.out(self.dropout(u * F.layer_norm(o, (hv,))))
 
@@ -121,17 +125,21 @@ class HSTU(Recommender):
         out[users[keep], column[keep]] = train.items[keep] + 1
         return out
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """float[b, N, d] L2-normalised outputs for left-padded tokens int64[b, N]; output t sees ≤ t."""
+    def encode(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """float[b, n, d] L2-normalised outputs for left-padded tokens int64[b, n]; output t sees ≤ t.
+
+        ``tokens`` may be the last n = max_len − offset columns of the padded histories (the leading
+        columns all padding): positions stay absolute, so the outputs are the same.
+        """
         n = tokens.shape[1]
         valid = (tokens != 0).to(self.item_emb.weight.dtype)
-        x = self.item_emb(tokens) * self.hparams["dim"] ** 0.5 + self.pos_emb.weight[:n]
+        x = self.item_emb(tokens) * self.hparams["dim"] ** 0.5 + self.pos_emb.weight[offset : offset + n]
         x = self.input_dropout(x)  # padded slots keep their positional embedding: a cold user is not 0
         pos = torch.arange(n, device=tokens.device)
         causal = (pos.unsqueeze(1) >= pos.unsqueeze(0)).to(x.dtype)  # [query, key]
         mask = (causal * valid.unsqueeze(1)).unsqueeze(1)  # padded keys masked; [b, 1, N, N]
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, self.hparams["max_len"])
         return F.normalize(x, dim=-1)
 
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
@@ -141,10 +149,23 @@ class HSTU(Recommender):
         return F.normalize(self.item_emb.weight[1:], dim=-1)
 
     def all_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """In chunks of 1024 users: a chunk's attention maps are chunk × H × N² floats per block."""
-        users = torch.arange(self.n_users, device=self.device)
-        chunks = [self.user_vectors(chunk) for chunk in users.split(1024)]
-        return torch.cat(chunks), self.item_vectors()
+        """Users in chunks of 1024 of similar history length, each trimmed to its longest history.
+
+        Most histories are far shorter than max_len, so this skips most of the padding's compute.
+        """
+        lengths = (self.histories != 0).sum(1)
+        order = lengths.argsort()
+        out = torch.empty(self.n_users, self.hparams["dim"], device=self.device)
+        for chunk in order.split(1024):
+            tokens, offset = self._trimmed(self.histories[chunk])
+            out[chunk] = self.encode(tokens, offset)[:, -1]
+        return out, self.item_vectors()
+
+    def _trimmed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Drop the leading columns that are padding in every row (keep at least one column)."""
+        longest = int((tokens != 0).sum(1).max())
+        offset = min(tokens.shape[1] - longest, tokens.shape[1] - 1)
+        return tokens[:, offset:], offset
 
     def batches(self, train: Interactions, batch_size: int, rng: np.random.Generator) -> Iterator[Batch]:
         """Shuffled users with ≥ 2 training items, plus ``n_negatives`` uniform items shared per batch."""
@@ -160,8 +181,10 @@ class HSTU(Recommender):
         """Sampled-softmax next-item loss (cosine / temperature), mean over the batch's valid positions."""
         targets = self.histories[batch["users"]]
         inputs = F.pad(targets[:, :-1], (1, 0))  # slot t predicts the token now at slot t of `targets`
+        inputs, offset = self._trimmed(inputs)
+        targets = targets[:, offset:]
         valid = inputs != 0
-        outputs = self.encode(inputs)[valid]  # [P, d]
+        outputs = self.encode(inputs, offset)[valid]  # [P, d]
         positives = targets[valid]  # tokens, all real items
         neg_tokens = batch["negatives"] + 1
         pos_logits = (outputs * F.normalize(self.item_emb(positives), dim=-1)).sum(-1, keepdim=True)

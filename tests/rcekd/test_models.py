@@ -346,3 +346,27 @@ def test_bpr_negatives_stay_valid_for_a_user_holding_all_but_one_item() -> None:
     (epoch,) = bpr_epochs(train_part, n_items, epochs=1, batch_size=512)
     negatives = torch.cat([b["neg"][b["users"] == 0] for b in epoch])
     assert set(negatives.tolist()) == {0}
+
+
+def test_hstu_trimming_leading_padding_changes_nothing(tiny_dataset: Dataset) -> None:
+    """Training and all_vectors skip all-padding columns; outputs must equal the full-width forward."""
+    torch.manual_seed(0)
+    model = build_model("hstu", tiny_dataset, dim=8, n_blocks=2, n_heads=2, dqk=4, dv=4, max_len=32).eval()
+    full = model.encode(model.histories)[:, -1]
+    trimmed, _ = model.all_vectors()
+    torch.testing.assert_close(trimmed, full)
+    assert (model.histories[:, :8] == 0).all()  # the tiny histories are short: trimming really happens
+
+    batch = next(model.batches(tiny_dataset.train, 16, np.random.default_rng(0)))
+    targets = model.histories[batch["users"]]
+    inputs = torch.nn.functional.pad(targets[:, :-1], (1, 0))
+    valid = inputs != 0
+    outputs = model.encode(inputs)[valid]
+    positives = targets[valid]
+    item_vecs = torch.nn.functional.normalize(model.item_emb.weight, dim=-1)
+    neg = batch["negatives"] + 1
+    logits = torch.cat([(outputs * item_vecs[positives]).sum(-1, keepdim=True), outputs @ item_vecs[neg].T], 1)
+    logits[:, 1:] = logits[:, 1:].masked_fill(neg.unsqueeze(0) == positives.unsqueeze(1), float("-inf"))
+    logits = logits / model.hparams["temperature"]
+    expected = (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+    torch.testing.assert_close(model.base_loss(batch), expected)
