@@ -23,12 +23,33 @@ RUNS = Path(__file__).resolve().parents[1] / "runs" / "teachers"
 
 #: name → (dataset, rcekd train flags)
 TEACHERS: dict[str, tuple[str, list[str]]] = {
-    "citeulike-mf400": ("citeulike", ["--model", "mf", "--dim", "400"]),
+    "citeulike-mf400": (
+        "citeulike",
+        ["--model", "mf", "--dim", "400", "--sparse", "false", "--weight-decay", "1e-3"],
+    ),
     "citeulike-mf20-alone": ("citeulike", ["--model", "mf", "--dim", "20", "--role", "student"]),
-    "citeulike-lightgcn": ("citeulike", ["--model", "lightgcn"]),
-    "citeulike-hstu": ("citeulike", ["--model", "hstu"]),
-    "gowalla-mf300": ("gowalla", ["--model", "mf", "--dim", "300"]),
-    "gowalla-lightgcn64": ("gowalla", ["--model", "lightgcn", "--dim", "64", "--layers", "3"]),
+    "citeulike-lightgcn": ("citeulike", ["--model", "lightgcn", "--dim", "64", "--eval-every", "5", "--patience", "6"]),
+    "citeulike-hstu": ("citeulike", ["--model", "hstu", "--eval-every", "5", "--patience", "6"]),
+    "gowalla-mf300": ("gowalla", ["--model", "mf", "--dim", "300", "--eval-every", "5", "--patience", "6"]),
+    "gowalla-lightgcn64": (
+        "gowalla",
+        [
+            "--model",
+            "lightgcn",
+            "--dim",
+            "64",
+            "--batch-size",
+            "32768",
+            "--lr",
+            "1e-2",
+            "--epochs",
+            "200",
+            "--eval-every",
+            "5",
+            "--patience",
+            "6",
+        ],
+    ),
 }
 
 

@@ -20,9 +20,10 @@ from rcekd.pipeline import MODEL_DEFAULTS, TRAIN_DEFAULTS, distill_and_save, tra
 from rcekd.train import Progress, TrainConfig
 
 #: flag → (hyper-parameter, type, help); which backbones use it is read from MODEL_DEFAULTS
-MODEL_FLAGS: dict[str, tuple[str, type, str]] = {
+MODEL_FLAGS: dict[str, tuple[str, type | str, str]] = {
     "--dim": ("dim", int, "embedding size (MF 400, LightGCN 64, HSTU 64)"),
     "--init-std": ("init_std", float, "std of the normal initialisation (MF 0.01, LightGCN 0.1)"),
+    "--sparse": ("sparse", "bool", "MF: row-sparse updates (true); false: dense Adam, L2 on every row each step"),
     "--layers": ("n_layers", int, "LightGCN propagation layers (3)"),
     "--blocks": ("n_blocks", int, "HSTU blocks (8; a student uses 1)"),
     "--heads": ("n_heads", int, "HSTU attention heads (4)"),
@@ -45,11 +46,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="artifact directory to write")
     for flag, (_, kind, text) in MODEL_FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=text)
+        parser.add_argument(flag, type=_parse_bool if kind == "bool" else kind, default=None, help=text)
     train_p = parser
     train_p.add_argument("--epochs", type=int, default=300, help="maximum epochs (300)")
-    train_p.add_argument("--batch-size", type=int, default=None, help="rows per batch (MF/LightGCN 2048, HSTU 128)")
-    train_p.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-3)")
+    train_p.add_argument(
+        "--batch-size", type=int, default=None, help="rows per batch (MF 2048, LightGCN 8192, HSTU 128 users)"
+    )
+    train_p.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-3; LightGCN 5e-3)")
     train_p.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay (0)")
     train_p.add_argument("--eval-every", type=int, default=2, help="validate every N epochs (2)")
     train_p.add_argument("--patience", type=int, default=10, help="evaluations without improvement (10)")

@@ -30,8 +30,6 @@ class Distiller(Protocol):
 
     def loss(self, batch: Batch, student: Recommender) -> torch.Tensor: ...
 
-    def diagnostics(self) -> dict[str, Any]: ...
-
 
 @dataclass
 class TrainConfig:
@@ -131,7 +129,7 @@ def train(
         train_seconds += time.perf_counter() - epoch_start
 
         record: dict[str, Any] = {"epoch": epoch, "loss": total, "seconds": time.perf_counter() - epoch_start}
-        if distiller is not None and (diagnostics := distiller.diagnostics()):
+        if distiller is not None and (diagnostics := getattr(distiller, "diagnostics", dict)()):
             record["kd"] = diagnostics
         valid_ndcg = None
         if epoch % config.eval_every == 0 or epoch == config.epochs:

@@ -27,7 +27,7 @@ class Recommender(nn.Module, ABC):
 
     arch: ClassVar[str]
     #: embedding tables that receive row-sparse gradients (updated only where a batch touches them)
-    sparse_embeddings: ClassVar[bool] = False
+    sparse_embeddings: bool = False
 
     def __init__(self, n_users: int, n_items: int, **hparams: Any) -> None:
         super().__init__()

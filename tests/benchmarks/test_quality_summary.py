@@ -1,0 +1,45 @@
+"""The quality benchmark's bookkeeping: variant parsing, aggregation and the significance test."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.quality import parse_variant, significance, summarise
+
+
+def test_variants_parse_numbers_booleans_and_strings() -> None:
+    assert parse_variant("rcekd") == ("rcekd", {})
+    assert parse_variant("rcekd:ablation=wo_sep,beta=3,tau=0.5,icd=false") == (
+        "rcekd",
+        {"ablation": "wo_sep", "beta": 3, "tau": 0.5, "icd": False},
+    )
+
+
+def _run(variant: str, seed: int, ndcg: float) -> dict:
+    block = {"recall@10": ndcg * 2, "ndcg@10": ndcg / 2, "recall@20": ndcg * 3, "ndcg@20": ndcg}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "metrics": {"test": block, "test_paper": block, "valid": block},
+        "seconds_per_epoch_train": 1.0,
+        "best_epoch": 10,
+    }
+
+
+def test_summary_means_and_paired_test_against_the_best_other_method() -> None:
+    runs = [_run("none", s, 0.010 + 0.0001 * s) for s in range(5)]
+    runs += [_run("rrd", s, 0.015 + 0.0001 * s) for s in range(5)]
+    runs += [_run("rcekd", s, 0.019 + 0.0002 * s) for s in range(5)]
+    runs += [_run("rcekd:ablation=wo_s", s, 0.03) for s in range(5)]  # ablations are not baselines
+    table = summarise(runs, ["none", "rrd", "rcekd", "rcekd:ablation=wo_s"])
+    assert table["rcekd"]["test/ndcg@20"]["mean"] == pytest.approx(0.0194)
+    assert table["none"]["seeds"] == [0, 1, 2, 3, 4]
+    result = significance(table)
+    assert result is not None and result["against"] == "rrd"
+    assert result["p"] < 0.05 and result["mean_diff"] == pytest.approx(0.0042)
+
+
+def test_no_significance_claim_when_the_target_is_worse() -> None:
+    runs = [_run("rrd", s, 0.02 + 0.001 * s) for s in range(3)] + [_run("rcekd", s, 0.01) for s in range(3)]
+    result = significance(summarise(runs, ["rrd", "rcekd"]))
+    assert result is not None and result["p"] > 0.5
