@@ -12,7 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from rcekd.checkpoint import CheckpointError, load_model
-from rcekd.data import DataError, load_dataset
+from rcekd.data import load_dataset
 from rcekd.kd import DISTILLERS, METHODS, distiller_class
 from rcekd.metrics import evaluate_model
 from rcekd.models import MODELS
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runner = {"train": _run_train, "distill": _run_distill, "evaluate": _run_evaluate}[args.command]
         result = runner(args)
-    except (DataError, CheckpointError, FileExistsError) as exc:
+    except (ValueError, FileExistsError) as exc:  # DataError and CheckpointError are ValueErrors
         print(f"rcekd: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
