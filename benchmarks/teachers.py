@@ -25,12 +25,15 @@ RUNS = Path(__file__).resolve().parents[1] / "runs" / "teachers"
 TEACHERS: dict[str, tuple[str, list[str]]] = {
     "citeulike-mf400": (
         "citeulike",
-        ["--model", "mf", "--dim", "400", "--sparse", "false", "--weight-decay", "1e-3"],
+        ["--model", "mf", "--dim", "400", "--sparse", "false", "--weight-decay", "1e-3", "--trajectory-every", "10"],
     ),
     "citeulike-mf20-alone": ("citeulike", ["--model", "mf", "--dim", "20", "--role", "student"]),
     "citeulike-lightgcn": ("citeulike", ["--model", "lightgcn", "--dim", "64", "--eval-every", "5", "--patience", "6"]),
     "citeulike-hstu": ("citeulike", ["--model", "hstu", "--eval-every", "5", "--patience", "6"]),
-    "gowalla-mf300": ("gowalla", ["--model", "mf", "--dim", "300", "--eval-every", "5", "--patience", "6"]),
+    "gowalla-mf300": (
+        "gowalla",
+        ["--model", "mf", "--dim", "300", "--eval-every", "5", "--patience", "6", "--trajectory-every", "10"],
+    ),
     "gowalla-lightgcn64": (
         "gowalla",
         [
@@ -56,7 +59,7 @@ TEACHERS: dict[str, tuple[str, list[str]]] = {
 def train_one(name: str, force: bool) -> dict:
     dataset, flags = TEACHERS[name]
     out = RUNS / name
-    command = ["rcekd", "train", "--data", str(data_dir(dataset)), *flags, "--out", str(out), "--quiet"]
+    command = ["rcekd", "train", "--data", str(data_dir(dataset)), *flags, "--out", str(out)]
     if force or not (out / "manifest.json").is_file():
         started = time.perf_counter()
         subprocess.run([str(Path(sys.executable).with_name("rcekd")), *command[1:], "--overwrite"], check=True)

@@ -23,7 +23,7 @@ from rcekd.train import Progress, TrainConfig
 MODEL_FLAGS: dict[str, tuple[str, type | str, str]] = {
     "--dim": ("dim", int, "embedding size (MF 400, LightGCN 64, HSTU 64)"),
     "--init-std": ("init_std", float, "std of the normal initialisation (MF 0.01, LightGCN 0.1)"),
-    "--sparse": ("sparse", "bool", "MF: row-sparse updates (true); false: dense Adam, L2 on every row each step"),
+    "--sparse": ("sparse", "bool", "MF row-sparse updates (default: from 4M weights on); false: dense Adam"),
     "--layers": ("n_layers", int, "LightGCN propagation layers (3)"),
     "--blocks": ("n_blocks", int, "HSTU blocks (8; a student uses 1)"),
     "--heads": ("n_heads", int, "HSTU attention heads (4)"),

@@ -16,7 +16,7 @@ from rcekd.train import Progress, TrainConfig, TrainResult, seed_everything, tra
 
 #: Per-backbone defaults: the settings that reach the README's CiteULike teacher figures.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mf": {"dim": 400, "init_std": 0.01, "sparse": True},
+    "mf": {"dim": 400, "init_std": 0.01, "sparse": None},  # None: row-sparse updates from 4M weights on
     "lightgcn": {"dim": 64, "n_layers": 3, "init_std": 0.1},
     "hstu": {
         "dim": 64,

@@ -12,7 +12,7 @@ import torch
 from rcekd.checkpoint import load_model, save_artifact, sha256_file
 from rcekd.data import Dataset, Interactions
 from rcekd.metrics import evaluate_model, full_report, ranking_metrics
-from rcekd.models import HSTU, MODELS, LightGCN, Recommender, build_model
+from rcekd.models import HSTU, MF, MODELS, LightGCN, Recommender, build_model
 from rcekd.models.base import bpr_batches
 from rcekd.pipeline import dataset_record
 from rcekd.train import TrainConfig, TrainResult, train
@@ -214,13 +214,27 @@ class TestMF(BackboneContract):
     params: ClassVar[dict[str, Any]] = {"dim": 16, "init_std": 0.1}
     fit: ClassVar[dict[str, Any]] = {"lr": 0.05, "batch_size": 128}
 
-    def test_embedding_gradients_are_row_sparse(self, tiny_dataset: Dataset) -> None:
-        model = self.build(tiny_dataset)
+    def test_sparse_embedding_gradients_touch_only_the_batch_rows(self, tiny_dataset: Dataset) -> None:
+        model = build_model("mf", tiny_dataset, **{**self.params, "sparse": True})
         batch = next(iter(model.batches(tiny_dataset.train, 8, np.random.default_rng(0))))
         model.base_loss(batch).backward()
         grad = model.user_emb.weight.grad
         assert grad is not None and grad.is_sparse
         assert set(grad.coalesce().indices()[0].tolist()) == set(batch["users"].tolist())
+
+    def test_dense_and_sparse_updates_compute_the_same_loss_and_gradient(self, tiny_dataset: Dataset) -> None:
+        torch.manual_seed(0)
+        sparse = build_model("mf", tiny_dataset, **{**self.params, "sparse": True})
+        dense = build_model("mf", tiny_dataset, **{**self.params, "sparse": False})
+        dense.load_state_dict(sparse.state_dict())
+        batch = next(iter(sparse.batches(tiny_dataset.train, 16, np.random.default_rng(0))))
+        for model in (sparse, dense):
+            model.base_loss(batch).backward()
+        torch.testing.assert_close(sparse.item_emb.weight.grad.to_dense(), dense.item_emb.weight.grad)
+
+    def test_sparse_updates_are_chosen_by_table_size(self) -> None:
+        assert not MF(5_000, 25_000, dim=20).sparse_embeddings  # a student: dense is cheaper
+        assert MF(30_000, 41_000, dim=300).sparse_embeddings  # Gowalla's teacher: 21M weights
 
 
 class TestLightGCN(BackboneContract):

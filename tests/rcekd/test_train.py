@@ -129,7 +129,9 @@ def test_non_finite_loss_stops_training(tiny_dataset: Dataset) -> None:
 
 
 def test_sparse_backbones_get_row_sparse_adam(tiny_dataset: Dataset) -> None:
-    assert isinstance(make_optimizer(mf(tiny_dataset), config()), RowSparseAdam)
+    sparse_mf = build_model("mf", tiny_dataset, dim=8, sparse=True)
+    assert isinstance(make_optimizer(sparse_mf, config()), RowSparseAdam)
+    assert type(make_optimizer(mf(tiny_dataset), config())) is torch.optim.Adam  # small tables: dense
     lightgcn = build_model("lightgcn", tiny_dataset, dim=8)
     assert type(make_optimizer(lightgcn, config())) is torch.optim.Adam
 
