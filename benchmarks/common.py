@@ -26,6 +26,7 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.is_available(),
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine while measuring
     }
 
 

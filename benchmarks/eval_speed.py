@@ -8,6 +8,7 @@ weights' values), so the benchmark needs no trained checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -59,6 +60,8 @@ def main() -> None:
         f"|---|---|---|---|---|---|\n"
         f"| {len(seconds)} | {statistics.median(seconds):.2f} | {min(seconds):.2f} | {max(seconds):.2f} "
         f"| {rss_before:.0f} | {rss_after:.0f} |\n\n"
+        f"Machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, 1-min load average "
+        f"{os.getloadavg()[0]:.1f} when measured (other training jobs were running).\n\n"
         "Command: `python -m benchmarks.eval_speed --dataset "
         f"{args.dataset} --dim {args.dim} --repeats {args.repeats}`\n"
     )
