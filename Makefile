@@ -18,11 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The main job on an embedded default: train an MF teacher and its d=20 student-alone baseline on
-# $(RCEKD_DATA_DIR) and print both test metrics.
+# The main job on an embedded default (no server needed): train an MF teacher (d=400) on
+# $(RCEKD_DATA_DIR), distil a d=20 MF student from it with RCE-KD, train the same student alone, and
+# print the three test results. Artifacts go to runs/demo/.
+DEMO := runs/demo
 run: install
-	$(VENV)/bin/rcekd train --data $(RCEKD_DATA_DIR) --model mf --dim 400 --out runs/demo/teacher --overwrite
-	$(VENV)/bin/rcekd train --data $(RCEKD_DATA_DIR) --model mf --dim 20 --role student --out runs/demo/student-alone --overwrite
+	@test -f $(DEMO)/teacher/manifest.json || $(VENV)/bin/rcekd train --data $(RCEKD_DATA_DIR) --model mf \
+		--dim 400 --sparse false --weight-decay 1e-3 --trajectory-every 10 --out $(DEMO)/teacher --overwrite
+	$(VENV)/bin/rcekd distill --data $(RCEKD_DATA_DIR) --teacher $(DEMO)/teacher --method rcekd --dim 20 \
+		--out $(DEMO)/student-rcekd --overwrite
+	$(VENV)/bin/rcekd distill --data $(RCEKD_DATA_DIR) --teacher $(DEMO)/teacher --method none --dim 20 \
+		--out $(DEMO)/student-alone --overwrite
+	@$(PY) -m rcekd.report $(DEMO)/teacher $(DEMO)/student-rcekd $(DEMO)/student-alone
 
 test: install
 	$(VENV)/bin/pytest -q
