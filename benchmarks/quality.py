@@ -205,6 +205,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
+    parser.add_argument(
+        "--summarise-only", action="store_true", help="no training: summarise the runs that have finished"
+    )
     args = parser.parse_args()
 
     jobs = [
@@ -227,6 +230,8 @@ def main() -> None:
         for seed in args.seeds
         for variant in args.variants
     ]
+    if args.summarise_only:
+        jobs = [job for job in jobs if (Path(job["out"]) / "manifest.json").is_file()]
     runs: list[dict[str, Any]] = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         for result in pool.map(run_one, jobs):
@@ -240,7 +245,9 @@ def main() -> None:
     table = summarise(runs, args.variants)
     test = significance(table)
     command = "python -m benchmarks.quality " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items()
+        if k != "summarise_only"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(runs, args.variants, RESULTS / f"quality_{args.name}.png")
