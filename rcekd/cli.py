@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -144,6 +146,32 @@ def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
     )
 
 
+class StopRequest:
+    """SIGINT / SIGTERM end training at the next epoch boundary; the best model so far is saved."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _request(self, signum: int, frame: object) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("rcekd: stopping after this epoch (signal again to abort)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
 class ProgressBar:
     """Progress on stderr: a tqdm bar on a terminal, one line per validation in a log file."""
 
@@ -182,7 +210,7 @@ def _summary(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, An
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     config = _train_config(args, args.model)
     bar = ProgressBar(config.epochs, f"train {args.model}", args.quiet)
-    try:
+    with StopRequest() as stop, contextlib.closing(bar):
         manifest, _ = train_and_save(
             args.data,
             args.model,
@@ -192,10 +220,9 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
             role=args.role,
             valid_seed=args.valid_seed,
             on_progress=bar,
+            should_stop=stop,
             overwrite=args.overwrite,
         )
-    finally:
-        bar.close()
     return _summary(args, manifest)
 
 
@@ -219,7 +246,7 @@ def _run_distill(args: argparse.Namespace) -> dict[str, Any]:
     config = _train_config(args, args.student)
     options = _kd_options(args)
     bar = ProgressBar(config.epochs, f"distill {args.method}", args.quiet)
-    try:
+    with StopRequest() as stop, contextlib.closing(bar):
         manifest, _ = distill_and_save(
             args.data,
             args.teacher,
@@ -231,10 +258,9 @@ def _run_distill(args: argparse.Namespace) -> dict[str, Any]:
             config=config,
             valid_seed=args.valid_seed,
             on_progress=bar,
+            should_stop=stop,
             overwrite=args.overwrite,
         )
-    finally:
-        bar.close()
     return {**_summary(args, manifest), "kd": manifest["kd"]}
 
 

@@ -59,6 +59,7 @@ def train_and_save(
     role: str = "teacher",
     valid_seed: int = 0,
     on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     overwrite: bool = False,
 ) -> tuple[dict[str, Any], TrainResult]:
     """Train one backbone on a dataset and write its artifact directory; returns (manifest, result)."""
@@ -67,7 +68,7 @@ def train_and_save(
     config = config or TrainConfig(**TRAIN_DEFAULTS[arch])
     seed_everything(config.seed)  # the initialisation is part of "same seed → same model"
     model = build_model(arch, dataset, **params)
-    result = train(model, dataset, config, on_progress=on_progress)
+    result = train(model, dataset, config, on_progress=on_progress, should_stop=should_stop)
     manifest = save_artifact(
         out_dir,
         model,
@@ -121,6 +122,7 @@ def distill_and_save(
     config: TrainConfig | None = None,
     valid_seed: int = 0,
     on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     overwrite: bool = False,
 ) -> tuple[dict[str, Any], TrainResult]:
     """Distil a teacher artifact into a student with ``method`` ('none': the student alone)."""
@@ -137,7 +139,7 @@ def distill_and_save(
         if method == "hetcomp":
             options.setdefault("trajectory", str(teacher_dir))  # its training checkpoints
         distiller = make_distiller(method, teacher, dataset, seed=config.seed, **options)
-    result = train(student, dataset, config, distiller=distiller, on_progress=on_progress)
+    result = train(student, dataset, config, distiller=distiller, on_progress=on_progress, should_stop=should_stop)
     manifest = save_artifact(
         out_dir,
         student,

@@ -96,8 +96,13 @@ def train(
     config: TrainConfig,
     distiller: Distiller | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; on return it holds the best-validation weights."""
+    """Train ``model`` in place; on return it holds the best-validation weights.
+
+    ``should_stop`` is asked after every epoch: a cancelled job or an interrupted command ends at
+    the epoch boundary with the best weights so far (validated first if this epoch was not).
+    """
     rng = seed_everything(config.seed)
     device = config.resolved_device()
     model.to(device)
@@ -132,7 +137,8 @@ def train(
         if distiller is not None and (diagnostics := getattr(distiller, "diagnostics", dict)()):
             record["kd"] = diagnostics
         valid_ndcg = None
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
+        stop_requested = should_stop is not None and should_stop()
+        if epoch % config.eval_every == 0 or epoch == config.epochs or stop_requested:
             valid_ndcg = evaluate_model(model, dataset, "valid", ks=(10,))["ndcg@10"]
             record["valid_ndcg@10"] = valid_ndcg
             if valid_ndcg > best_ndcg:
@@ -157,7 +163,7 @@ def train(
                     eta_seconds=elapsed / epoch * (config.epochs - epoch),
                 )
             )
-        if stale >= config.patience:
+        if stale >= config.patience or stop_requested:
             break
 
     model.load_state_dict(best_state)

@@ -195,3 +195,17 @@ def test_same_config_seed_gives_the_same_history(tiny_dataset: Dataset) -> None:
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in first.history]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in second.history]
     assert np.isfinite([r["loss"] for r in first.history]).all()
+
+
+def test_a_stop_request_ends_at_the_epoch_boundary_with_the_best_weights(tiny_dataset: Dataset) -> None:
+    calls = []
+
+    def stop_after_three() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    model = mf(tiny_dataset)
+    result = train(model, tiny_dataset, config(epochs=50, eval_every=10), should_stop=stop_after_three)
+    assert result.epochs_run == 3
+    assert result.best_epoch == 3  # validated on the way out although 3 is no multiple of eval_every
+    assert evaluate_model(model, tiny_dataset, "valid", ks=(10,))["ndcg@10"] == result.best_valid_ndcg
