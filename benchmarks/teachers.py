@@ -68,7 +68,9 @@ def train_one(name: str, force: bool) -> dict:
     training = manifest["training"]
     return {
         "name": name,
-        "command": shlex.join(command).replace(str(data_dir(dataset)), f"../shared/data/{dataset}"),
+        "command": shlex.join(command)
+        .replace(str(data_dir(dataset)), f"../shared/data/{dataset}")
+        .replace(str(RUNS.parents[1]) + "/", ""),
         "arch": manifest["arch"],
         "hyperparameters": manifest["hyperparameters"],
         "n_parameters": manifest["n_parameters"],
