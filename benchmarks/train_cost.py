@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--teacher", required=True)
-    parser.add_argument("--methods", nargs="+", default=["none", "rcekd", "ce", "cd", "rrd", "dcd"])
+    parser.add_argument("--methods", nargs="+", default=["none", "rcekd", "ce", "cd", "rrd", "dcd", "hetcomp"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
@@ -55,7 +55,8 @@ def main() -> None:
     samples: dict[str, list[dict[str, float]]] = {m: [] for m in args.methods}
     for round_no in range(args.rounds):
         for method in args.methods:
-            samples[method].append(time_method(method, dataset, teacher, {}, args.epochs, seed=round_no))
+            options = {"hetcomp": {"trajectory": args.teacher}}  # its training checkpoints
+            samples[method].append(time_method(method, dataset, teacher, options, args.epochs, seed=round_no))
             print(f"round {round_no} {method:<8} {samples[method][-1]['train']:.2f} s/epoch", flush=True)
 
     base_train = statistics.median(s["train"] for s in samples["none"]) if "none" in samples else None
