@@ -93,8 +93,17 @@ class Teacher:
         return self.item_vecs.shape[0]
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """float[b, k] scaled teacher logits of ``items`` (int64[b, k]) for ``users`` (int64[b])."""
-        return torch.einsum("bd,bkd->bk", self.user_vecs[users], self.item_vecs[items]) * self.logit_scale
+        """float[b, k] scaled teacher logits of ``items`` (int64[b, k]) for ``users`` (int64[b]).
+
+        Rows go in sub-chunks: gathering item vectors materialises b × k × d floats, which for a
+        d=300 teacher and a whole epoch's sets would be gigabytes.
+        """
+        step = max(1, 2**22 // max(items.shape[1] * self.item_vecs.shape[1], 1))
+        parts = [
+            torch.einsum("bd,bkd->bk", self.user_vecs[users[i : i + step]], self.item_vecs[items[i : i + step]])
+            for i in range(0, len(users), step)
+        ]
+        return torch.cat(parts) * self.logit_scale if parts else items.new_zeros(items.shape, dtype=torch.float)
 
     def topk(self, k: int, exclude: sp.csr_matrix | None = None) -> torch.Tensor:
         return topk_items(self.user_vecs, self.item_vecs, k, exclude)
