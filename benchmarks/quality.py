@@ -159,7 +159,7 @@ def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(name: str, table: dict[str, Any], test: dict[str, Any] | None, command: str) -> str:
+def markdown(name: str, table: dict[str, Any], test: dict[str, Any] | None, command: str, partial: bool = False) -> str:
     lines = [
         f"# KD quality: {name}",
         "",
@@ -186,6 +186,8 @@ def markdown(name: str, table: dict[str, Any], test: dict[str, Any] | None, comm
         else:
             lines += ["", f"Paired t-test vs {test['against']}: {test['note']}."]
     lines += ["", f"Command: `{command}`", ""]
+    if partial:
+        lines += ["Partial: summarised with `--summarise-only` from the runs finished so far.", ""]
     return "\n".join(lines)
 
 
@@ -254,9 +256,9 @@ def main() -> None:
     write_results(
         f"quality_{args.name}",
         {"settings": vars(args), "table": table, "significance": test, "runs": runs},
-        markdown(args.name, table, test, command),
+        markdown(args.name, table, test, command, args.summarise_only),
     )
-    print(markdown(args.name, table, test, command))
+    print(markdown(args.name, table, test, command, args.summarise_only))
 
 
 if __name__ == "__main__":
