@@ -28,6 +28,8 @@ TEACHERS: dict[str, tuple[str, list[str]]] = {
         ["--model", "mf", "--dim", "400", "--sparse", "false", "--weight-decay", "1e-3", "--trajectory-every", "10"],
     ),
     "citeulike-mf20-alone": ("citeulike", ["--model", "mf", "--dim", "20", "--role", "student"]),
+    "citeulike-mf20-alone-s1": ("citeulike", ["--model", "mf", "--dim", "20", "--role", "student", "--seed", "1"]),
+    "citeulike-mf20-alone-s2": ("citeulike", ["--model", "mf", "--dim", "20", "--role", "student", "--seed", "2"]),
     "citeulike-lightgcn": ("citeulike", ["--model", "lightgcn", "--dim", "64", "--eval-every", "5", "--patience", "6"]),
     "citeulike-hstu": ("citeulike", ["--model", "hstu", "--eval-every", "5", "--patience", "6"]),
     "gowalla-mf300": (
