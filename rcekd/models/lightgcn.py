@@ -21,7 +21,7 @@ class _Propagate(torch.autograd.Function):
     """``matrix @ dense`` whose backward uses the precomputed transpose.
 
     torch's own backward for a sparse @ dense product transposes and coalesces the sparse matrix on
-    every call, which made a CiteULike epoch ~30× slower than the forward pass alone.
+    every call: 4.1 s instead of 0.17 s for one CiteULike propagation and its backward, in a profile.
     """
 
     @staticmethod
