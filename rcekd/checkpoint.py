@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +56,59 @@ def save_artifact(
     extra: dict[str, Any] | None = None,
     trajectory: list[tuple[int, dict[str, torch.Tensor]]] | None = None,
     overwrite: bool = False,
+    serving: Callable[[Path], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Write the artifact into a temporary sibling directory, then rename it into place."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    """Write a model's artifact (weights, config, trajectory, serving files) atomically.
+
+    ``serving(staging)`` (e.g. :func:`rcekd.export.serving_writer`) writes the serving files into the
+    staging directory before anything is hashed, so they are checksummed like the weights and arrive
+    with the same atomic rename; what it returns is the manifest's ``serving`` section.
+    """
+
+    def write(staging: Path) -> dict[str, Any]:
         save_file(_tensors(model.state_dict()), str(staging / WEIGHTS))
         (staging / CONFIG).write_text(json.dumps(model.config(), indent=2))
         if trajectory:
             (staging / TRAJECTORY_DIR).mkdir()
             for epoch, state in trajectory:
                 save_file(_tensors(state), str(staging / TRAJECTORY_DIR / f"epoch_{epoch:04d}.safetensors"))
+        fields = {
+            "arch": model.arch,
+            "hyperparameters": {k: v for k, v in model.config().items() if k != "arch"},
+            "n_parameters": model.num_parameters(),
+        }
+        if serving is not None:
+            fields["serving"] = serving(staging)
+        return fields
+
+    return write_artifact_dir(
+        out_dir, write, role=role, dataset=dataset, metrics=metrics, training=training, extra=extra, overwrite=overwrite
+    )
+
+
+def write_artifact_dir(
+    out_dir: str | Path,
+    write: Callable[[Path], dict[str, Any]],
+    *,
+    role: str,
+    dataset: dict[str, Any],
+    metrics: dict[str, Any],
+    training: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Stage an artifact in a temporary sibling directory, hash its files, then rename it into place.
+
+    ``write(staging)`` writes the files and returns manifest fields (arch, serving, ...). A reader
+    sees the old artifact or the new one, never half of either.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fields = write(staging)
         files = {
             str(path.relative_to(staging)): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
             for path in sorted(staging.rglob("*"))
@@ -77,34 +117,36 @@ def save_artifact(
         manifest = {
             "id": uuid.uuid4().hex,
             "role": role,
-            "arch": model.arch,
-            "hyperparameters": {k: v for k, v in model.config().items() if k != "arch"},
             "dataset": dataset,
             "metrics": metrics,
-            "n_parameters": model.num_parameters(),
             "training": training or {},
             "files": files,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **fields,
             **(extra or {}),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         os.chmod(staging, 0o755)
-        if out_dir.exists():
-            graveyard = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, graveyard / "old")
-            try:
-                os.replace(staging, out_dir)
-            except BaseException:
-                os.replace(graveyard / "old", out_dir)  # never lose the artifact being replaced
-                raise
-            finally:
-                shutil.rmtree(graveyard, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    graveyard = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    os.replace(out_dir, graveyard / "old")
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        os.replace(graveyard / "old", out_dir)  # never lose the artifact being replaced
+        raise
+    finally:
+        shutil.rmtree(graveyard, ignore_errors=True)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

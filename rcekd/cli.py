@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from rcekd.checkpoint import CheckpointError, load_model
 from rcekd.data import load_dataset
-from rcekd.kd import DISTILLERS, METHODS, distiller_class
+from rcekd.kd import METHODS, distiller_class, method_options
 from rcekd.metrics import evaluate_model
 from rcekd.models import MODELS
 from rcekd.pipeline import MODEL_DEFAULTS, TRAIN_DEFAULTS, distill_and_save, train_and_save
@@ -63,18 +63,6 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     train_p.add_argument("--trajectory-every", type=int, default=0, help="save weights every N epochs (0: off)")
     train_p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     train_p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def method_options() -> dict[str, tuple[type, dict[str, object]]]:
-    """Every KD option (keyword-only constructor argument) → (type, {method: default})."""
-    options: dict[str, tuple[type, dict[str, object]]] = {}
-    for method in DISTILLERS:
-        for param in inspect.signature(distiller_class(method).__init__).parameters.values():
-            if param.kind is not param.KEYWORD_ONLY and param.name != "weight":
-                continue
-            kind = type(param.default) if param.default is not None else str
-            options.setdefault(param.name, (kind, {}))[1][method] = param.default
-    return options
 
 
 def _flag(name: str) -> str:

@@ -1,4 +1,4 @@
-"""End-to-end jobs shared by the CLI and (later) the worker: load data, train, evaluate, save."""
+"""End-to-end jobs shared by the CLI and the worker: load data, train, evaluate, save."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rcekd.checkpoint import CheckpointError, load_model, save_artifact
 from rcekd.data import Dataset, load_dataset
 from rcekd.kd import Teacher, make_distiller
 from rcekd.metrics import full_report
-from rcekd.models import build_model
+from rcekd.models import Recommender, build_model
 from rcekd.train import Progress, TrainConfig, TrainResult, seed_everything, train
 
 #: Per-backbone defaults: the settings that reach the README's CiteULike teacher figures.
@@ -60,6 +60,7 @@ def train_and_save(
     valid_seed: int = 0,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    serving: Callable[[Recommender], Callable[[Path], dict[str, Any]]] | None = None,
     overwrite: bool = False,
 ) -> tuple[dict[str, Any], TrainResult]:
     """Train one backbone on a dataset and write its artifact directory; returns (manifest, result)."""
@@ -69,6 +70,7 @@ def train_and_save(
     seed_everything(config.seed)  # the initialisation is part of "same seed → same model"
     model = build_model(arch, dataset, **params)
     result = train(model, dataset, config, on_progress=on_progress, should_stop=should_stop)
+    model.eval()
     manifest = save_artifact(
         out_dir,
         model,
@@ -77,6 +79,7 @@ def train_and_save(
         metrics=full_report(model, dataset),
         training=training_record(config, result),
         trajectory=result.trajectory,
+        serving=serving(model) if serving else None,
         overwrite=overwrite,
     )
     return manifest, result
@@ -116,19 +119,40 @@ def distill_and_save(
     method: str,
     out_dir: str | Path,
     *,
+    valid_seed: int = 0,
+    **kwargs: Any,
+) -> tuple[dict[str, Any], TrainResult]:
+    """Distil a teacher artifact into a student with ``method`` ('none': the student alone)."""
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, valid_seed=valid_seed)
+    teacher, teacher_manifest = load_teacher(teacher_dir, dataset)
+    return distill_teacher(
+        dataset, teacher, teacher_manifest, method, out_dir, trajectory=Path(teacher_dir), **kwargs
+    )
+
+
+def distill_teacher(
+    dataset: Dataset,
+    teacher: Any,
+    teacher_manifest: dict[str, Any],
+    method: str,
+    out_dir: str | Path,
+    *,
     student_arch: str = "mf",
     student_params: dict[str, Any] | None = None,
     method_options: dict[str, Any] | None = None,
     config: TrainConfig | None = None,
-    valid_seed: int = 0,
+    trajectory: Path | None = None,
+    serving: Callable[[Recommender], Callable[[Path], dict[str, Any]]] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     overwrite: bool = False,
 ) -> tuple[dict[str, Any], TrainResult]:
-    """Distil a teacher artifact into a student with ``method`` ('none': the student alone)."""
-    dataset = data if isinstance(data, Dataset) else load_dataset(data, valid_seed=valid_seed)
+    """Distil an already loaded teacher (vectors or ONNX scores) into a new student artifact.
+
+    ``trajectory`` is a directory holding the teacher's training checkpoints (HetComp); ``serving``
+    builds the writer of the student's serving files (ONNX, FAISS) once the student is trained.
+    """
     config = config or TrainConfig(**TRAIN_DEFAULTS[student_arch])
-    teacher, teacher_manifest = load_teacher(teacher_dir, dataset)
     seed_everything(config.seed)
     params = {**MODEL_DEFAULTS[student_arch], "dim": 20, **(student_params or {})}
     student = build_model(student_arch, dataset, **params)
@@ -136,10 +160,11 @@ def distill_and_save(
     distiller = None
     if method != "none":
         options = dict(method_options or {})
-        if method == "hetcomp":
-            options.setdefault("trajectory", str(teacher_dir))  # its training checkpoints
+        if method == "hetcomp" and trajectory is not None:
+            options.setdefault("trajectory", str(trajectory))  # its training checkpoints
         distiller = make_distiller(method, teacher, dataset, seed=config.seed, **options)
     result = train(student, dataset, config, distiller=distiller, on_progress=on_progress, should_stop=should_stop)
+    student.eval()
     manifest = save_artifact(
         out_dir,
         student,
@@ -155,8 +180,10 @@ def distill_and_save(
                 "hyperparameters": teacher_manifest.get("hyperparameters"),
                 "n_parameters": teacher_manifest.get("n_parameters"),
                 "metrics": teacher_manifest.get("metrics"),
+                "verified": teacher_manifest.get("verified", True),
             },
         },
+        serving=serving(student) if serving else None,
         overwrite=overwrite,
     )
     return manifest, result

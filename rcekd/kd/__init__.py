@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from rcekd.data import Dataset
@@ -19,7 +20,7 @@ DISTILLERS: dict[str, str] = {
 }
 METHODS = (*DISTILLERS, "none")
 
-__all__ = ["DISTILLERS", "METHODS", "Distiller", "Teacher", "distiller_class", "make_distiller"]
+__all__ = ["DISTILLERS", "METHODS", "Distiller", "Teacher", "distiller_class", "make_distiller", "method_options"]
 
 
 def distiller_class(name: str) -> type[Distiller]:
@@ -31,3 +32,15 @@ def distiller_class(name: str) -> type[Distiller]:
 
 def make_distiller(name: str, teacher: Teacher, dataset: Dataset, **options: Any) -> Distiller:
     return distiller_class(name)(teacher, dataset, **options)
+
+
+def method_options() -> dict[str, tuple[type, dict[str, object]]]:
+    """Every KD option (keyword-only constructor argument) → (type, {method: default})."""
+    options: dict[str, tuple[type, dict[str, object]]] = {}
+    for method in DISTILLERS:
+        for param in inspect.signature(distiller_class(method).__init__).parameters.values():
+            if param.kind is not param.KEYWORD_ONLY and param.name != "weight":
+                continue
+            kind = type(param.default) if param.default is not None else str
+            options.setdefault(param.name, (kind, {}))[1][method] = param.default
+    return options

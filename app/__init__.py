@@ -1,0 +1,1 @@
+"""The service around the science: FastAPI control plane, registry, serving."""
