@@ -2,10 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED_DATA ?= $(abspath ../shared/data)
-RCEKD_DATA_DIR ?= $(SHARED_DATA)/citeulike
-export RCEKD_DATA_DIR
 
-.PHONY: install run test lint clean
+.PHONY: install run run-cli test lint clean
 
 install: $(VENV)/.installed
 
@@ -18,16 +16,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The main job on an embedded default (no server needed): train an MF teacher (d=400) on
-# $(RCEKD_DATA_DIR), distil a d=20 MF student from it with RCE-KD, train the same student alone, and
-# print the three test results. Artifacts go to runs/demo/.
-DEMO := runs/demo
+# The main job on an embedded default (no server needed): the API (uvicorn) and a real Celery worker
+# process on SQLite broker/backend/registry. On first start it trains a demo teacher, distils a d=20
+# student with RCE-KD, activates it and prints the URLs and the teacher-vs-student table. Data:
+# RCEKD_DATA_DIR (e.g. ../shared/data/citeulike: the README's MF d=400 teacher, ~30 min on 2 cores),
+# else a synthetic dataset it generates (~2 min). State lives in runs/service/; RCEKD_PORT (8000).
 run: install
-	@test -f $(DEMO)/teacher/manifest.json || $(VENV)/bin/rcekd train --data $(RCEKD_DATA_DIR) --model mf \
+	$(PY) -m app.embedded
+
+# The same science through the CLI only, on CiteULike: MF d=400 teacher → RCE-KD student and the
+# student alone, then the three test results. Artifacts go to runs/demo/.
+CITEULIKE ?= $(SHARED_DATA)/citeulike
+DEMO := runs/demo
+run-cli: install
+	@test -f $(DEMO)/teacher/manifest.json || $(VENV)/bin/rcekd train --data $(CITEULIKE) --model mf \
 		--dim 400 --sparse false --weight-decay 1e-3 --trajectory-every 10 --out $(DEMO)/teacher --overwrite
-	$(VENV)/bin/rcekd distill --data $(RCEKD_DATA_DIR) --teacher $(DEMO)/teacher --method rcekd --dim 20 \
+	$(VENV)/bin/rcekd distill --data $(CITEULIKE) --teacher $(DEMO)/teacher --method rcekd --dim 20 \
 		--out $(DEMO)/student-rcekd --overwrite
-	$(VENV)/bin/rcekd distill --data $(RCEKD_DATA_DIR) --teacher $(DEMO)/teacher --method none --dim 20 \
+	$(VENV)/bin/rcekd distill --data $(CITEULIKE) --teacher $(DEMO)/teacher --method none --dim 20 \
 		--out $(DEMO)/student-alone --overwrite
 	@$(PY) -m rcekd.report $(DEMO)/teacher $(DEMO)/student-rcekd $(DEMO)/student-alone
 

@@ -32,8 +32,9 @@ DEMO_TEACHERS: dict[str, dict[str, Any]] = {
 def start_processes(settings: Settings, env: dict[str, str]) -> list[subprocess.Popen]:
     python = sys.executable
     worker = [python, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "rcekd", "--concurrency=1"]
-    worker += ["--loglevel=INFO", "--hostname", f"rcekd-embedded-{os.getpid()}@%h"]
+    worker += ["--loglevel=WARNING", "--hostname", f"rcekd-embedded-{os.getpid()}@%h"]
     api = [python, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port)]
+    api += ["--log-level", "warning", "--no-access-log"]  # the launcher prints progress itself
     return [subprocess.Popen(worker, env=env), subprocess.Popen(api, env=env)]
 
 
@@ -70,11 +71,10 @@ def follow(client: httpx.Client, job: dict[str, Any]) -> dict[str, Any]:
 def _progress_line(job: dict[str, Any], progress: dict[str, Any]) -> str:
     if "epoch" not in progress:
         return f"  {job['kind']} job {job['id'][:8]}: {job['state']} {progress.get('stage', '')}"
-    valid = progress.get("valid_ndcg")
     return (
         f"  {job['kind']} job {job['id'][:8]}: epoch {progress['epoch']}/{progress['max_epochs']} "
-        f"loss {progress['loss']:.4g} valid NDCG@10 {'-' if valid is None else f'{valid:.4f}'} "
-        f"ETA {progress.get('eta_seconds', 0):.0f} s"
+        f"loss {progress['loss']:.4g} best valid NDCG@10 {progress.get('best_ndcg', 0):.4f} "
+        f"(epoch {progress.get('best_epoch')}) ETA {progress.get('eta_seconds', 0):.0f} s"
     )
 
 
@@ -115,10 +115,15 @@ def print_comparison(client: httpx.Client) -> None:
         )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.embedded", description=__doc__)
     parser.add_argument("--no-demo", action="store_true", help="start the services only")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the children too, as Ctrl-C does
     env = dict(os.environ)
     env.setdefault("RCEKD_API_TOKEN", secrets.token_urlsafe(32))  # one token for both processes
     os.environ.update(env)
