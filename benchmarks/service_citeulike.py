@@ -85,9 +85,9 @@ def run_one(name: str, seed: int, port: int, load_requests: int) -> dict[str, An
     token = secrets.token_urlsafe(32)
     env = {**os.environ, "RCEKD_HOME": str(home), "RCEKD_DATA_DIR": str(data_dir("citeulike")),
            "RCEKD_PORT": str(port), "RCEKD_API_TOKEN": token, "RCEKD_LATENCY_SAMPLE_USERS": "500",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
     cli_out = RUNS / f"cli-{name}-s{seed}"
-    cli = [str(Path(sys.executable).with_name("rcekd")), "distill", "--data", str(data_dir("citeulike"))]
+    cli = [sys.executable, "-m", "rcekd.cli", "distill", "--data", str(data_dir("citeulike"))]
     cli += ["--teacher", str(teacher_dir), "--method", "rcekd", "--dim", "20", "--seed", str(seed)]
     cli += ["--out", str(cli_out), "--overwrite", "--quiet"]
     cli_process = subprocess.Popen(cli, env=env)

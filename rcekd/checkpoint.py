@@ -160,10 +160,17 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists with its recorded size and sha256."""
+    """Every file the manifest lists exists with its recorded size and sha256.
+
+    The training trajectory is the one optional part: an artifact sent without its ``trajectory/``
+    folder (it can be ten times the model's size) is whole for every use but HetComp.
+    """
     directory = Path(directory)
+    has_trajectory = (directory / TRAJECTORY_DIR).is_dir()
     for name, meta in manifest.get("files", {}).items():
         path = directory / name
+        if not has_trajectory and name.startswith(f"{TRAJECTORY_DIR}/"):
+            continue
         if not path.is_file():
             raise CheckpointError(f"{directory}: {name} is missing")
         if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:

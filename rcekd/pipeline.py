@@ -86,8 +86,9 @@ def train_and_save(
 
 
 def training_record(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every")}
     return {
-        **dataclasses.asdict(config),
+        **settings,  # where a job kept its epoch checkpoints is not part of the model
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "seconds": round(result.seconds, 2),

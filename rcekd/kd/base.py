@@ -172,6 +172,19 @@ class Distiller(ABC):
         """Per-epoch figures worth logging (e.g. RCE-KD's mean γ); none by default."""
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What carries over from one epoch to the next, so a killed run can resume (:mod:`rcekd.resume`).
+
+        Per-epoch state is rebuilt by ``on_epoch_start`` from the student, so only the sampling
+        generator is needed here; methods that accumulate state across epochs extend both hooks.
+        Values are tensors or JSON values (nested dicts, lists and tuples of them are fine).
+        """
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (from this method, same settings)."""
+        self.generator.set_state(state["generator"].to("cpu", torch.uint8))
+
     def loss(self, batch: Batch, student: Recommender) -> torch.Tensor:
         users, counts = torch.unique(student.batch_users(batch), return_counts=True)
         return self.weight * (self.user_loss(users, student) * counts).sum()

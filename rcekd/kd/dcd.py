@@ -166,6 +166,14 @@ class DCD(Distiller):
         items, counts = torch.unique(batch["pos"], return_counts=True)
         return total + self.weight * (self.item_loss(items, student) * counts).sum()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The generator plus whether ICD is still on (a sequence batch switches it off for good)."""
+        return {**super().state_dict(), "icd_active": self.icd_active}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.icd_active = bool(state["icd_active"]) and self.icd
+
     def diagnostics(self) -> dict[str, Any]:
         """Mean weight of the drawn under-estimated items: near 1 while the student misranks the teacher's."""
         if "user" not in self.state:

@@ -216,6 +216,19 @@ class HetComp(Distiller):
             self.reference = torch.where(move, overlap_discrepancy(student_top, after), self.reference)
         self.checks += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """The generator plus the curriculum: each user's checkpoint and last discrepancy, checks done."""
+        return {**super().state_dict(), "stage": self.stage, "reference": self.reference, "checks": self.checks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        stage, reference = state["stage"].to(self.stage), state["reference"].to(self.reference)
+        if stage.shape != self.stage.shape or reference.shape != self.reference.shape or stage.numel() == 0:
+            raise ValueError(f"HetComp state must cover {self.stage.shape[0]} users")
+        if not 0 <= int(stage.min()) <= int(stage.max()) <= self.last:
+            raise ValueError(f"HetComp stages must lie in 0..{self.last}")
+        self.stage, self.reference, self.checks = stage, reference, int(state["checks"])
+
     # -------------------------------------------------------------------------------- per batch
     def user_loss(self, users: torch.Tensor, student: Recommender) -> torch.Tensor:
         if not self.state:
