@@ -71,7 +71,8 @@ async def compare_models(
                 "n_parameters": row.n_parameters,
                 "bytes": files,
                 "serving_bytes": sum(v for k, v in files.items() if k in ("model.onnx", "items.faiss", "seen.npz")),
-                "mode": retriever.mode,
+                "mode": retriever.mode,  # "scores": a scores-only ONNX teacher, served by full scoring
+                "index": (row.manifest.get("serving") or {}).get("index"),  # kind, options, recall@20 vs flat
                 "provider": retriever.provider,
                 "model_only_ms": percentiles(_model_only_ms(retriever, user_rows.astype(np.int64), n)),
                 "end_to_end_ms": percentiles(await end_to_end_ms(request, row.id, users, n)),
