@@ -14,6 +14,11 @@ Authentication (secure by default): mutating endpoints need ``RCEKD_API_TOKEN``.
 * ``RCEKD_ALLOW_ANONYMOUS=true`` opens mutating endpoints explicitly (tests, trusted networks).
 
 A token set in the environment always wins over ``allow_anonymous``.
+
+Fault tolerance: a worker renews its job's lease every ``heartbeat_s``; the API's reaper (every
+``lease_s / 3``) re-queues a job whose lease ran out, up to ``max_attempts``, and the retry resumes
+from the checkpoint written every ``checkpoint_every`` epochs. ``test_crash_on_job`` is a test hook
+only (a worker that kills itself on a matching job), off unless set.
 """
 
 from __future__ import annotations
@@ -59,6 +64,15 @@ class Settings(BaseSettings):
     heartbeat_s: int = Field(10, gt=0, description="how often a running task renews its lease")
     lease_s: int = Field(60, gt=0, description="a job whose lease is this old is re-queued by the reaper")
     max_attempts: int = Field(3, ge=1, le=100)
+    checkpoint_every: int = Field(5, ge=1, description="epochs between training checkpoints (a retry resumes there)")
+    republish_after_s: int = Field(
+        900, gt=0, description="a QUEUED job unclaimed this long is published again (a lost message is replaced)"
+    )
+    test_crash_on_job: str | None = Field(
+        None,
+        description="TEST HOOK, never set in production: a worker whose job spec (sorted-key JSON) contains this "
+        "text SIGKILLs itself at the first epoch, as an out-of-memory kill would (fault-tolerance tests)",
+    )
     default_index: str = Field("flat", min_length=1, pattern=r"^[A-Za-z0-9_,.]+$")
     latency_sample_users: int = Field(200, ge=1)
 
@@ -143,6 +157,11 @@ class Settings(BaseSettings):
     def token_generated(self) -> bool:
         """True when ``api_token`` was made up at start-up: the API should print it once."""
         return self._token_generated
+
+    @property
+    def reap_every_s(self) -> float:
+        """How often the API's reaper looks for expired leases: a third of a lease."""
+        return self.lease_s / 3
 
     @property
     def artifacts_dir(self) -> Path:

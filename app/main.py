@@ -6,16 +6,22 @@ application with :func:`create_app`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from app.config import Settings, ensure_dirs, get_settings
 from app.datasets import DatasetCache, register_builtin
 from app.metrics import MetricsMiddleware, ServiceMetrics
 from app.queue import JobQueue
+from app.reaper import reap_forever
 from app.registry import Registry, create_schema, make_engine
 from app.routes import compare, datasets, health, jobs, models, recommend
 from app.serving import ModelStore
@@ -37,6 +43,25 @@ def restore_active_models(registry: Registry, store: ModelStore) -> None:
             log.error("model %s (active for %s) cannot be served: %s", row.id, dataset.id, exc)
 
 
+async def registry_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database is down or overloaded: a 503 the client may retry, not a 500 with a traceback.
+
+    Other database errors (a violated constraint, bad SQL) are bugs: 500, logged with their traceback.
+    """
+    unavailable = isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError) or bool(
+        getattr(exc, "connection_invalidated", False)
+    )
+    if not unavailable:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+    log.error("%s %s: registry unavailable: %s", request.method, request.url.path, type(exc).__name__)
+    return JSONResponse(
+        {"detail": f"the registry database is unavailable ({type(exc).__name__}); retry later"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = ServiceMetrics()
@@ -54,8 +79,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         restore_active_models(app.state.registry, app.state.store)
         if settings.token_generated:
             log.warning("no RCEKD_API_TOKEN given; this run's token: %s", settings.api_token.get_secret_value())
-        yield
-        engine.dispose()
+        reaper = asyncio.create_task(
+            reap_forever(app.state.registry, app.state.queue, settings),
+            name="rcekd-reaper",
+        )
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            engine.dispose()
 
     app = FastAPI(
         title="rcekd",
@@ -67,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     for router in (health.router, datasets.router, jobs.router, models.router, recommend.router, compare.router):
         app.include_router(router)
+    for error in (DBAPIError, PoolTimeoutError):
+        app.add_exception_handler(error, registry_unavailable)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + (1 << 20))  # + multipart framing
     return app

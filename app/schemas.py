@@ -12,7 +12,9 @@ from rcekd.models import MODELS
 from rcekd.train import TrainConfig
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "sq8")
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"device"}
+#: what a spec's ``training`` may set; the device, and where and how often to checkpoint (the worker's
+#: business: it does not change the model), are the service's
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"device", "checkpoint_dir", "checkpoint_every"}
 
 
 class Strict(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from rcekd.checkpoint import CheckpointError
 from rcekd.retrieval import Retriever
 
 
@@ -23,6 +24,7 @@ class ModelStore:
         self._lock = threading.Lock()
         self._loaded: dict[str, Retriever] = {}
         self._active: dict[str, str] = {}  # dataset id → model id
+        self._directories: dict[str, str] = {}  # model id → directory, for reloading without the registry
         self._max_loaded = max_loaded
 
     def load(self, model_id: str, directory: str | Path) -> Retriever:
@@ -34,6 +36,7 @@ class ModelStore:
         retriever = Retriever.load(directory, verify=True)
         with self._lock:
             self._loaded.setdefault(model_id, retriever)
+            self._directories[model_id] = str(directory)
             self._evict()
             return self._loaded[model_id]
 
@@ -56,6 +59,23 @@ class ModelStore:
             )
         return model_id, retriever
 
+    def known(self, model_id: str) -> Retriever | None:
+        """A model this process has loaded before, without asking the registry (it may be down).
+
+        Reloaded from its remembered directory if it was evicted; None if never loaded or no longer
+        loadable. A model deleted through this process is forgotten; through another replica it is
+        served here until that replica's delete removes its files.
+        """
+        with self._lock:
+            retriever = self._loaded.get(model_id)
+            directory = self._directories.get(model_id)
+        if retriever is not None or directory is None:
+            return retriever
+        try:
+            return self.load(model_id, directory)
+        except (CheckpointError, OSError):
+            return None
+
     def active_id(self, dataset_id: str) -> str | None:
         with self._lock:
             return self._active.get(dataset_id)
@@ -64,6 +84,7 @@ class ModelStore:
         """Drop a deleted model; an active one stops being served."""
         with self._lock:
             self._loaded.pop(model_id, None)
+            self._directories.pop(model_id, None)
             for dataset_id in [d for d, m in self._active.items() if m == model_id]:
                 del self._active[dataset_id]
 

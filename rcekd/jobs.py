@@ -77,6 +77,13 @@ def train_config(arch: str, overrides: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{**TRAIN_DEFAULTS[arch], **overrides})
 
 
+def with_checkpoints(spec: dict[str, Any], checkpoint_dir: Path, every: int) -> dict[str, Any]:
+    """A copy of a job spec whose training checkpoints every ``every`` epochs into ``checkpoint_dir``
+    (and resumes from there: a re-run job continues where its last attempt stopped)."""
+    training = {**spec.get("training", {}), "checkpoint_dir": str(checkpoint_dir), "checkpoint_every": every}
+    return {**spec, "training": training}
+
+
 def _epoch_reporter(stage: str, report: ProgressCallback | None) -> Callable[[Progress], None] | None:
     if report is None:
         return None

@@ -31,6 +31,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=QUEUE,
         task_acks_late=True,  # a job whose worker dies is not acknowledged as done...
         task_reject_on_worker_lost=False,  # ...but the registry, not the broker, decides on retries
+        worker_lost_wait=1.0,  # a killed pool child's job is the reaper's now: take the next message soon
         worker_prefetch_multiplier=1,  # a worker holds only the job it runs
         task_time_limit=settings.task_time_limit_s,
         task_track_started=True,

@@ -1,9 +1,11 @@
 """The registry: datasets, jobs and models in SQLAlchemy (SQLite by default, PostgreSQL in deployment).
 
 ``schema``: tables, job states, engines; ``session``: transactions; ``jobs``: the job state machine and
-leases; ``store``: the ``Registry`` (datasets, models, and the job operations it inherits).
+leases; ``recovery``: lost messages and revived jobs; ``store``: the ``Registry`` (datasets, models, and
+the job operations it inherits).
 """
 
+from app.registry.recovery import REVIVABLE
 from app.registry.schema import (
     ALLOWED_FROM,
     TERMINAL,
@@ -23,6 +25,7 @@ from app.registry.store import Registry
 
 __all__ = [
     "ALLOWED_FROM",
+    "REVIVABLE",
     "TERMINAL",
     "Base",
     "Dataset",

@@ -211,13 +211,16 @@ class JobStore(Store):
         with self._sessions() as session:
             return list(session.scalars(query.order_by(Job.lease_expires_at)))
 
-    def requeue_or_fail(self, job_id: str, reason: str, *, expired_only: bool = False) -> Job:
+    def requeue_or_fail(
+        self, job_id: str, reason: str, *, expired_only: bool = False, now: datetime | None = None
+    ) -> Job:
         """A RUNNING job lost its worker (or failed retriably): QUEUED while attempts remain, else FAILED.
 
         Cancel-requested jobs become CANCELLED, jobs past their deadline FAILED. With ``expired_only``
         (the reaper) nothing happens if the worker renewed its lease meanwhile. Other states: unchanged.
+        A re-queued job has no ``celery_task_id``: its old message is spent, and the reaper publishes it.
         """
-        now = utcnow()
+        now = now or utcnow()
         with self._transaction() as session:
             job = self._get(session, Job, job_id)
             if job.state != JobState.RUNNING:
@@ -238,6 +241,8 @@ class JobStore(Store):
                 "finished_at": now if target in TERMINAL else None,
                 "updated_at": now,
             }
+            if target is JobState.QUEUED:
+                values["celery_task_id"] = None
             where = [Job.state == JobState.RUNNING.value, Job.attempts == job.attempts, Job.worker == job.worker]
             if expired_only:
                 where.append(Job.lease_expires_at < now)

@@ -1,4 +1,4 @@
-"""The ``Registry``: datasets and models here, jobs in ``app.registry.jobs``, plumbing in ``session``."""
+"""The ``Registry``: datasets and models here; jobs in ``jobs`` and ``recovery``; plumbing in ``session``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from app.registry.jobs import JobStore
+from app.registry.recovery import RecoveryStore
 from app.registry.schema import Dataset, InvalidTransition, Model
 
 
-class Registry(JobStore):
+class Registry(RecoveryStore):
     """Datasets, jobs and models behind short transactions; returned rows are detached snapshots."""
 
     # datasets

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from app.deps import Authorised, QueueDep, RegistryDep, SettingsDep
 from app.queue import QueueUnavailableError
-from app.registry import NotFound, spec_hash
+from app.registry import REVIVABLE, NotFound, spec_hash
 from app.schemas import DistillRequest, JobOut, TeacherRequest
 from app.uploads import save_upload
 from rcekd.checkpoint import CheckpointError
@@ -46,13 +46,18 @@ def _known_dataset(registry: Any, dataset_id: str) -> None:
 
 
 def _enqueue(registry: Any, queue: Any, job: Any, response: Response) -> JobOut:
-    """Queue a job that is not queued yet; a broker outage is a 503 and the job waits, recorded."""
+    """Queue a job that is not queued yet; a broker outage is a 503 and the job waits, recorded.
+
+    The same request for a FAILED or CANCELLED job starts it afresh (a new round of attempts).
+    """
+    if job.state in REVIVABLE:
+        job = registry.revive_job(job.id)
     if job.state == "PENDING":
         try:
             task_id = queue.submit(job.id)
         except QueueUnavailableError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{exc}; job {job.id} is recorded, retry") from exc
-        registry.set_job_state(job.id, "QUEUED", celery_task_id=task_id)
+        registry.mark_published(job.id, task_id)  # False: a worker already claimed it
     else:
         response.status_code = status.HTTP_200_OK  # the same request again: the job that exists
     return job_out(registry.get_job(job.id))
@@ -78,7 +83,7 @@ async def distill(
     _known_dataset(registry, body.dataset)
     job_spec = body.job_spec()
     if teacher is None:
-        return await _distill_held_teacher(request, response, registry, queue, body, job_spec)
+        return await _distill_held_teacher(response, registry, queue, settings, body, job_spec)
     path, sha256, _ = await save_upload(teacher, settings.uploads_dir, settings.max_upload_bytes)
     try:
         dataset = await run_in_threadpool(request.app.state.datasets.get, registry, body.dataset)
@@ -89,7 +94,13 @@ async def distill(
             )  # fmt: skip
             require_method(imported, body.method)
         job, created = registry.create_or_get_job(
-            "distill", sha256, job_spec, spec_hash(job_spec), str(path), body.time_budget_s
+            "distill",
+            sha256,
+            job_spec,
+            spec_hash(job_spec),
+            str(path),
+            body.time_budget_s,
+            max_attempts=settings.max_attempts,
         )
     except (CheckpointError, MethodUnsupported) as exc:
         path.unlink(missing_ok=True)
@@ -97,13 +108,15 @@ async def distill(
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    if not created:
+    if not created and job.state in REVIVABLE and not Path(job.teacher_path or "").is_file():
+        job = registry.revive_job(job.id, teacher_path=path)  # its own copy is gone: it takes this upload
+    elif not created:
         path.unlink(missing_ok=True)  # the existing job keeps its own copy
     return _enqueue(registry, queue, job, response)
 
 
 async def _distill_held_teacher(
-    request: Request, response: Response, registry: Any, queue: Any, body: DistillRequest, job_spec: dict
+    response: Response, registry: Any, queue: Any, settings: Any, body: DistillRequest, job_spec: dict
 ) -> JobOut:
     if body.teacher_model is None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "upload a teacher file or name a teacher_model")
@@ -117,17 +130,27 @@ async def _distill_held_teacher(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "hetcomp needs the teacher's trajectory checkpoints")
     weights_sha = row.manifest["files"]["weights.safetensors"]["sha256"]
     job, _ = registry.create_or_get_job(
-        "distill", weights_sha, job_spec, spec_hash(job_spec), row.directory, body.time_budget_s
+        "distill",
+        weights_sha,
+        job_spec,
+        spec_hash(job_spec),
+        row.directory,
+        body.time_budget_s,
+        max_attempts=settings.max_attempts,
     )
     return _enqueue(registry, queue, job, response)
 
 
 @router.post("/teachers", status_code=status.HTTP_202_ACCEPTED, dependencies=[Authorised])
-def train_teacher(body: TeacherRequest, response: Response, registry: RegistryDep, queue: QueueDep) -> JobOut:
+def train_teacher(
+    body: TeacherRequest, response: Response, registry: RegistryDep, queue: QueueDep, settings: SettingsDep
+) -> JobOut:
     """Train a teacher on a registered dataset, as a job (for users who have none yet)."""
     _known_dataset(registry, body.dataset)
     job_spec = body.job_spec()
-    job, _ = registry.create_or_get_job("teacher", "", job_spec, spec_hash(job_spec), None, body.time_budget_s)
+    job, _ = registry.create_or_get_job(
+        "teacher", "", job_spec, spec_hash(job_spec), None, body.time_budget_s, max_attempts=settings.max_attempts
+    )
     return _enqueue(registry, queue, job, response)
 
 

@@ -20,9 +20,15 @@ router = APIRouter(tags=["recommend"])
 def resolve(
     request: Request, registry: Any, store: Any, model: str | None, dataset: str | None
 ) -> tuple[str, Retriever]:
-    """The model to serve from: the one named, else the active model of the dataset (default: the first)."""
+    """The model to serve from: the one named, else the active model of the dataset (default: the first).
+
+    A loaded model is served without a registry query: the hot path keeps answering when the
+    database or the broker is down.
+    """
     try:
         if model is not None:
+            if (retriever := store.known(model)) is not None:
+                return model, retriever
             row = registry.get_model(model)
             return row.id, store.load(row.id, row.directory)
         return store.active(dataset or request.app.state.default_dataset)

@@ -340,6 +340,70 @@ def test_requeue_respects_cancel_deadline_and_live_leases(registry: Registry) ->
     assert registry.requeue_or_fail(live.id, "lost").state == "QUEUED"  # not running: unchanged
 
 
+# recovery: lost messages, revived jobs
+def test_requeue_forgets_the_spent_message_and_honours_now(registry: Registry) -> None:
+    job = new_job(registry)
+    registry.mark_published(job.id, "task-1")
+    assert registry.claim_job(job.id, "w1", lease_s=60)
+    now = utcnow()
+    assert registry.requeue_or_fail(job.id, "lost", expired_only=True, now=now).state == "RUNNING"
+    later = now + timedelta(seconds=61)
+    requeued = registry.requeue_or_fail(job.id, "lost", expired_only=True, now=later)
+    assert (requeued.state, requeued.celery_task_id) == ("QUEUED", None)
+
+
+def test_unpublished_jobs_are_queued_without_a_message_or_unclaimed_for_long(registry: Registry) -> None:
+    pending = new_job(registry)
+    fresh = new_job(registry, {**SPEC, "seed": 1})
+    lost = new_job(registry, {**SPEC, "seed": 2})
+    assert registry.mark_published(fresh.id, "t-fresh") and registry.get_job(fresh.id).state == "QUEUED"
+    registry.set_job_state(lost.id, "QUEUED")  # re-queued while the broker was down: no task id
+    now = utcnow()
+    assert [j.id for j in registry.unpublished_jobs(now - timedelta(seconds=60))] == [lost.id]
+    assert {j.id for j in registry.unpublished_jobs(now + timedelta(seconds=1))} == {fresh.id, lost.id}
+    assert pending.id not in {j.id for j in registry.unpublished_jobs(now + timedelta(seconds=1))}
+
+
+def test_mark_published_never_sets_a_claimed_job_back(registry: Registry) -> None:
+    job = new_job(registry)
+    assert registry.claim_job(job.id, "w1", lease_s=60)  # a fast worker, before the API recorded the send
+    assert not registry.mark_published(job.id, "task-1")
+    assert (registry.get_job(job.id).state, registry.get_job(job.id).worker) == ("RUNNING", "w1")
+    cancelled = new_job(registry, {**SPEC, "seed": 1})
+    registry.request_cancel(cancelled.id)
+    assert not registry.mark_published(cancelled.id, "task-2")
+    assert registry.get_job(cancelled.id).state == "CANCELLED"
+
+
+@pytest.mark.parametrize("end", ["FAILED", "CANCELLED"])
+def test_a_dead_job_is_revived_as_new(registry: Registry, end: str) -> None:
+    job = running_job(registry, time_budget_s=60)
+    registry.record_progress(job.id, {"epoch": 3}, worker="w1")
+    if end == "CANCELLED":
+        registry.request_cancel(job.id)
+    registry.set_job_state(job.id, end, worker="w1", error="boom")
+    revived = registry.revive_job(job.id, teacher_path="/uploads/new.safetensors")
+    assert (revived.id, revived.state, revived.attempts, revived.error, revived.progress) == (
+        job.id, "PENDING", 0, None, {}
+    )  # fmt: skip
+    assert not revived.cancel_requested and revived.worker is None and revived.lease_expires_at is None
+    assert revived.deadline is None and revived.finished_at is None and revived.started_at is None
+    assert revived.teacher_path == "/uploads/new.safetensors"
+    assert registry.claim_job(job.id, "w2", lease_s=60)
+    again = registry.get_job(job.id)
+    assert again.attempts == 1 and again.deadline is not None and again.deadline > job.deadline
+
+
+def test_only_failed_and_cancelled_jobs_are_revived(registry: Registry) -> None:
+    done = running_job(registry)
+    registry.set_job_state(done.id, "SUCCESS", worker="w1", result_model_id="m")
+    assert registry.revive_job(done.id).state == "SUCCESS"
+    live = running_job(registry, spec={**SPEC, "seed": 1})
+    assert registry.revive_job(live.id).state == "RUNNING" and registry.get_job(live.id).attempts == 1
+    with pytest.raises(NotFound):
+        registry.revive_job("nope")
+
+
 # times
 def test_times_are_aware_utc(registry: Registry) -> None:
     job = running_job(registry)
