@@ -172,6 +172,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]]) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,6 +188,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
             right.annotate(label, (entry["serving_bytes"] / 2**20, ndcg), fontsize=8)
     left.set(xlabel="model-only p50 (ms)", ylabel="test NDCG@20", title="quality vs latency")
     right.set(xlabel="serving files (MiB)", xscale="log", ylabel="test NDCG@20", title="quality vs size")
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a log axis
     figure.tight_layout()
     figure.savefig(RESULTS / "service_citeulike.png", dpi=110)
 
