@@ -50,7 +50,7 @@ async def compare_models(
 ) -> list[dict]:
     rows = [find_model(registry, model_id) for model_id in model_ids]
     if len({row.dataset_id for row in rows}) > 1:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "models to compare must share a dataset")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "models to compare must share a dataset")
     retrievers = [store.load(row.id, row.directory) for row in rows]
     rng = np.random.default_rng(0)  # the same users for every model
     user_rows = rng.choice(retrievers[0].n_users, size=min(sample, retrievers[0].n_users), replace=False)
@@ -86,7 +86,7 @@ def _default_models(request: Request, registry: Any, store: Any) -> list[str]:
     dataset = request.app.state.default_dataset
     active = store.active_id(dataset)
     if active is None:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "no active model; name models with ?models=a,b")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "no active model; name models with ?models=a,b")
     siblings = [m for m in registry.list_models(dataset=dataset) if m.job_id == registry.get_model(active).job_id]
     return [m.id for m in sorted(siblings, key=lambda m: m.role != "teacher")]
 

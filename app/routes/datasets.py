@@ -47,7 +47,7 @@ async def upload_dataset(
         await run_in_threadpool(register, registry, request.app.state.datasets, dataset_id, target, "upload")
     except DataError as exc:
         shutil.rmtree(directory, ignore_errors=True)
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     finally:
         path.unlink(missing_ok=True)
     return _out(registry.get_dataset(dataset_id))

@@ -31,10 +31,10 @@ def _parse(model: type[DistillRequest] | type[TeacherRequest], text: str) -> Any
     try:
         return model.model_validate(json.loads(text))
     except json.JSONDecodeError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"spec is not valid JSON: {exc}") from exc
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"spec is not valid JSON: {exc}") from exc
     except ValidationError as exc:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY, exc.errors(include_url=False, include_context=False)
+            status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False, include_context=False)
         ) from exc
 
 
@@ -42,7 +42,7 @@ def _known_dataset(registry: Any, dataset_id: str) -> None:
     try:
         registry.get_dataset(dataset_id)
     except NotFound as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"unknown dataset {dataset_id!r}") from exc
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"unknown dataset {dataset_id!r}") from exc
 
 
 def _enqueue(registry: Any, queue: Any, job: Any, response: Response) -> JobOut:
@@ -104,7 +104,7 @@ async def distill(
         )
     except (CheckpointError, MethodUnsupported) as exc:
         path.unlink(missing_ok=True)
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -119,15 +119,15 @@ async def _distill_held_teacher(
     response: Response, registry: Any, queue: Any, settings: Any, body: DistillRequest, job_spec: dict
 ) -> JobOut:
     if body.teacher_model is None:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "upload a teacher file or name a teacher_model")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "upload a teacher file or name a teacher_model")
     try:
         row = registry.get_model(body.teacher_model)
     except NotFound as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"no model {body.teacher_model!r}") from exc
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"no model {body.teacher_model!r}") from exc
     if row.dataset_id != body.dataset:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"{row.id} was trained on {row.dataset_id}")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{row.id} was trained on {row.dataset_id}")
     if body.method == "hetcomp" and not (Path(row.directory) / "trajectory").is_dir():
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "hetcomp needs the teacher's trajectory checkpoints")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "hetcomp needs the teacher's trajectory checkpoints")
     weights_sha = row.manifest["files"]["weights.safetensors"]["sha256"]
     job, _ = registry.create_or_get_job(
         "distill",

@@ -47,7 +47,7 @@ async def activate(model_id: str, registry: RegistryDep, store: StoreDep) -> Mod
     try:
         await run_in_threadpool(store.activate, row.dataset_id, row.id, row.directory)
     except CheckpointError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"model {model_id} cannot be served: {exc}") from exc
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"model {model_id} cannot be served: {exc}") from exc
     registry.activate_model(model_id)
     return model_out(registry.get_model(model_id))
 

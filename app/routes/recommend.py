@@ -46,7 +46,7 @@ def _recommend(
     except UnknownUser as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown user {exc.args[0]!r}") from exc
     if n > retriever.n_items:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"n must be at most {retriever.n_items}")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"n must be at most {retriever.n_items}")
     items, scores = retriever.recommend(rows, n, exclude_seen=exclude_seen)
     names = retriever.item_ids
     return [
