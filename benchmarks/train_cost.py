@@ -11,6 +11,7 @@ Usage: python -m benchmarks.train_cost --name gowalla_mf_mf --dataset gowalla \
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any
@@ -48,7 +49,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["none", "rcekd", "ce", "cd", "rrd", "dcd", "hetcomp"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--note", default="", help="a line for the markdown, e.g. what the teacher was")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     dataset = load_dataset(data_dir(args.dataset))
     teacher, _ = load_teacher(args.teacher, dataset)
@@ -76,7 +79,9 @@ def main() -> None:
         f"# Training cost per epoch: {args.name} ({dataset.n_users:,} users × {dataset.n_items:,} items)",
         "",
         f"Median of {args.rounds} interleaved rounds of {args.epochs} epochs each; torch threads "
-        f"{torch.get_num_threads()}.",
+        f"{torch.get_num_threads()}; 1-minute load average {load_before[0]:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (other work on the machine: compare ratios, not seconds).",
+        *([f"\n{args.note}"] if args.note else []),
         "",
         "| method | s/epoch (train) | × alone | s/epoch (+ validation) | × alone |",
         "|---|---|---|---|---|",

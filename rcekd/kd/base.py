@@ -8,6 +8,7 @@ once per distinct user and weighted by the user's row count — the same value, 
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -20,6 +21,12 @@ from rcekd.models.base import Batch, Recommender
 
 #: scores held per chunk when ranking all items (float32 → 128 MiB)
 CHUNK_SCORES = 2**25
+#: :func:`topk_items` on CPU: users per chunk, and items per tile = TOPK_GROUP × TOPK_TILE_GROUPS.
+#: A tile of scores (32 × 4096 floats, 512 KiB) stays in cache while it is reduced to group maxima;
+#: a product with all 41k items at once (Gowalla) writes through memory and runs ~3× slower.
+TOPK_USERS = 32
+TOPK_GROUP = 8
+TOPK_TILE_GROUPS = 512
 
 
 def topk_items(
@@ -27,22 +34,101 @@ def topk_items(
 ) -> torch.Tensor:
     """int64[n_users, k]: each user's k best items by dot product, in user chunks, best first.
 
-    ``exclude`` (users × items) removes items from a user's ranking (e.g. training items).
+    ``exclude`` (users × items) removes items from a user's ranking (e.g. training items): they score
+    −∞, so they only appear, last, when a user has fewer than k other items. Large catalogues on CPU
+    go through :func:`_tiled_topk` (the same result up to the order of tied scores).
     """
     n_users, n_items = user_vecs.shape[0], item_vecs.shape[0]
     k = min(k, n_items)
+    user_vecs, item_vecs = user_vecs.detach(), item_vecs.detach()  # a ranking needs no gradient
+    n_tiles = n_items // (TOPK_GROUP * TOPK_TILE_GROUPS)
+    if user_vecs.device.type == "cpu" and n_tiles * TOPK_TILE_GROUPS >= 4 * k:
+        return _tiled_topk(user_vecs, item_vecs, k, exclude)
     chunk = max(1, CHUNK_SCORES // max(n_items, 1))
     out = torch.empty(n_users, k, dtype=torch.int64, device=user_vecs.device)
     for start in range(0, n_users, chunk):
         stop = min(start + chunk, n_users)
         scores = user_vecs[start:stop] @ item_vecs.T
         if exclude is not None:
-            coo = exclude[start:stop].tocoo()
-            rows = torch.from_numpy(coo.row.astype(np.int64)).to(scores.device)
-            cols = torch.from_numpy(coo.col.astype(np.int64)).to(scores.device)
+            rows, cols = _excluded(exclude, start, stop, scores.device)
             scores[rows, cols] = -torch.inf
         out[start:stop] = scores.topk(k, dim=1).indices
     return out
+
+
+def _excluded(exclude: sp.csr_matrix, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows within the chunk, columns) of the excluded pairs of users start..stop-1."""
+    coo = exclude[start:stop].tocoo()
+    rows = torch.from_numpy(coo.row.astype(np.int64)).to(device)
+    cols = torch.from_numpy(coo.col.astype(np.int64)).to(device)
+    return rows, cols
+
+
+def _tiled_topk(
+    user_vecs: torch.Tensor, item_vecs: torch.Tensor, k: int, exclude: sp.csr_matrix | None
+) -> torch.Tensor:
+    """:func:`topk_items` for large catalogues: exact up to ties, ~2.5× faster on CPU (Gowalla).
+
+    Items are cut into tiles of g · m; in tile f, group j holds items f·g·m + j + t·m (t < g). Each
+    tile of scores is reduced to its m group maxima while in cache. The k-th best group maximum θ
+    has k scores at or above it, so the k-th best score is ≥ θ, and every top-k item lies in one of
+    the k groups with the best maxima (up to ties at θ). Only those k · g candidates (and the < g · m
+    items after the last full tile, always candidates) go through a second top-k — torch's CPU
+    top-k copies every row it ranks into (value, index) pairs, so ranking 1/g of the items first
+    and then k · g of them beats ranking all of them.
+    """
+    n_users, n_items = user_vecs.shape[0], item_vecs.shape[0]
+    group, groups = TOPK_GROUP, TOPK_TILE_GROUPS
+    tile = group * groups
+    n_tiles = n_items // tile
+    head = n_tiles * tile
+    tiles = [item_vecs[f * tile : (f + 1) * tile].T for f in range(n_tiles)]
+    rest_items = torch.arange(head, n_items, device=user_vecs.device)
+    offsets = torch.arange(group, device=user_vecs.device) * groups
+    out = torch.empty(n_users, k, dtype=torch.int64, device=user_vecs.device)
+    for start in range(0, n_users, TOPK_USERS):
+        stop = min(start + TOPK_USERS, n_users)
+        users = user_vecs[start:stop]
+        n_rows = stop - start
+        slab = users.new_empty(n_tiles, n_rows, tile)  # slab[f, r] = scores of tile f for user r
+        for f, tile_vecs in enumerate(tiles):
+            torch.mm(users, tile_vecs, out=slab[f])
+        rest = users @ item_vecs[head:].T
+        if exclude is not None:
+            rows, cols = _excluded(exclude, start, stop, slab.device)
+            in_head = cols < head
+            flat = ((cols // tile) * n_rows + rows) * tile + cols % tile
+            slab.view(-1)[flat[in_head]] = -torch.inf
+            rest[rows[~in_head], cols[~in_head] - head] = -torch.inf
+        maxima = slab.view(n_tiles, n_rows, group, groups).amax(2).transpose(0, 1).reshape(n_rows, -1)
+        best = _best_groups(maxima, k, n_tiles)  # group ids f · m + j
+        tile_of, in_tile = best // groups, best % groups
+        first = (tile_of * n_rows + torch.arange(n_rows, device=best.device).unsqueeze(1)) * tile + in_tile
+        picked = slab.view(-1).index_select(0, (first.unsqueeze(2) + offsets).view(-1)).view(n_rows, -1)
+        candidates = ((tile_of * tile + in_tile).unsqueeze(2) + offsets).view(n_rows, -1)
+        candidates = torch.cat([candidates, rest_items.expand(n_rows, -1)], 1)
+        order = torch.cat([picked, rest], 1).topk(k, dim=1).indices
+        out[start:stop] = candidates.gather(1, order)
+    return out
+
+
+def _best_groups(maxima: torch.Tensor, k: int, n_tiles: int) -> torch.Tensor:
+    """int64[rows, k]: ids of the k groups with the best maxima (any order), from [rows, n_tiles · m].
+
+    The same argument one level up: supergroup J of tile f holds its groups J + t · m/g (t < g); the
+    k best groups lie in the k supergroups with the best maxima. Ranking m/g supergroups a tile and
+    then k · g groups is cheaper than ranking all the groups (torch's top-k: ~10 ns an element)."""
+    group, groups = TOPK_GROUP, TOPK_TILE_GROUPS
+    per_super = groups // group
+    if groups % group or n_tiles * per_super < 2 * k:
+        return maxima.topk(k, dim=1, sorted=False).indices
+    n_rows = maxima.shape[0]
+    supermax = maxima.view(n_rows, n_tiles, group, per_super).amax(2).view(n_rows, -1)
+    best_super = supermax.topk(k, dim=1, sorted=False).indices  # f · m/g + J
+    first = best_super // per_super * groups + best_super % per_super
+    offsets = torch.arange(group, device=maxima.device) * per_super
+    candidates = (first.unsqueeze(2) + offsets).view(n_rows, -1)
+    return candidates.gather(1, maxima.gather(1, candidates).topk(k, dim=1, sorted=False).indices)
 
 
 def rowwise_isin(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
@@ -54,6 +140,95 @@ def user_chunks(n_users: int, per_user: int, budget: int = 2**26) -> list[tuple[
     """(start, stop) row ranges so that temporaries of ``per_user`` elements a user stay under ``budget``."""
     step = max(1, budget // max(per_user, 1))
     return [(start, min(start + step, n_users)) for start in range(0, n_users, step)]
+
+
+def rowwise_positions(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """int64[b, k]: the column of ``values[r, j]`` in ``pool[r, :]`` (rows of distinct ids), or
+    ``pool.shape[1]`` where absent. A sort and a binary search: O(n log n) a row where the broadcast
+    compare of :func:`rowwise_isin` is O(k · n)."""
+    n = pool.shape[1]
+    if n == 0:
+        return torch.zeros_like(values)
+    sorted_pool, order = pool.sort(1)
+    at = torch.searchsorted(sorted_pool, values).clamp_(max=n - 1)
+    found = sorted_pool.gather(1, at) == values
+    return torch.where(found, order.gather(1, at), n)
+
+
+class _GatheredScores(torch.autograd.Function):
+    """scores[r, j] = user_vecs[r] · item_vecs[items[r, j]], through sparse kernels (CPU).
+
+    The plain einsum gathers b · w item rows into a fresh tensor and, backwards, index_adds b · w
+    gradient rows at random offsets: both stream through memory. Seen as a sparse b × n pattern
+    (row r holds the columns items[r]), the scores are a sampled dense-dense product, the user
+    gradient is pattern @ item_vecs, and the item gradient is patternᵀ @ user_vecs — the transposed
+    pattern built from one sort of the column ids. None of them materialises a b × w × d tensor.
+    Repeated columns in a row are fine: each entry is scored, and contributes, on its own.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        n_rows, width = items.shape
+        n_items = item_vecs.shape[0]
+        user_vecs, item_vecs = user_vecs.detach(), item_vecs.detach()
+        crow = torch.arange(0, n_rows * width + 1, width, device=items.device)
+        cols = items.reshape(-1)
+        ones = user_vecs.new_ones(cols.shape[0])
+        pattern = torch.sparse_csr_tensor(crow, cols, ones, (n_rows, n_items), check_invariants=False)
+        scores = torch.sparse.sampled_addmm(pattern, user_vecs, item_vecs.t(), beta=0.0).values().view(n_rows, width)
+        ctx.save_for_backward(user_vecs, item_vecs, crow, cols)
+        ctx.shape = (n_rows, width, n_items)
+        return scores
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        user_vecs, item_vecs, crow, cols = ctx.saved_tensors
+        n_rows, width, n_items = ctx.shape
+        values = grad.reshape(-1)
+        grad_users = grad_items = None
+        if ctx.needs_input_grad[0]:
+            pattern = torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_items), check_invariants=False)
+            grad_users = torch.sparse.mm(pattern, item_vecs)
+        if ctx.needs_input_grad[1]:
+            by_item, order = cols.to(torch.int32).sort(stable=True)
+            item_crow = torch.zeros(n_items + 1, dtype=torch.int64, device=cols.device)
+            item_crow[1:] = torch.bincount(by_item, minlength=n_items).cumsum(0)
+            row_of = torch.div(order, width, rounding_mode="floor")
+            transposed = torch.sparse_csr_tensor(
+                item_crow, row_of, values.index_select(0, order), (n_items, n_rows), check_invariants=False
+            )
+            grad_items = torch.sparse.mm(transposed, user_vecs)
+        return grad_users, grad_items, None
+
+
+def gathered_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """float[b, w]: ``einsum("bd,bwd->bw", user_vecs, item_vecs[items])`` (same values up to rounding),
+    differentiable in both vector sets; on CPU through :class:`_GatheredScores`."""
+    if item_vecs.device.type != "cpu" or items.numel() == 0:
+        return torch.einsum("bd,bwd->bw", user_vecs, item_vecs[items])
+    with warnings.catch_warnings():  # torch flags its CSR tensors as beta once per process
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return _GatheredScores.apply(user_vecs, item_vecs, items)
+
+
+def student_scores(student: Recommender, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """The student's ``score(users, items)`` for a KD term, by the faster :func:`gathered_scores`.
+
+    Every backbone scores by ``user_vectors(u) · item_vectors()[i]``; students with row-sparse
+    embeddings keep their own ``score`` (a dense item gradient would defeat their sparse updates).
+    """
+    if student.sparse_embeddings:
+        return student.score(users, items)
+    return gathered_scores(student.user_vectors(users), student.item_vectors(), items)
+
+
+def teacher_scores(teacher: Teacher, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """``teacher.score(users, items)`` (same values up to rounding); for a vector :class:`Teacher`
+    by :func:`gathered_scores`, which never gathers the b × k × d item rows (d = 300: 7× faster)."""
+    if type(teacher).score is not Teacher.score:  # e.g. an ONNX teacher: only its own score
+        return teacher.score(users, items)
+    with torch.no_grad():
+        return gathered_scores(teacher.user_vecs[users], teacher.item_vecs, items) * teacher.logit_scale
 
 
 class Teacher:

@@ -4,8 +4,9 @@ Per epoch, per user (in chunks, no gradients): the student's top-mxK list C and 
 split of the teacher's top-K Q_T into Q_T1 = Q_T ∩ Q_S and Q_T2 = Q_T \\ Q_T1; rank-aware sampling of
 L positions of C without replacement with p_j ∝ exp((z_j + 1)/τ_s), z_j = number of teacher items the
 student ranks at or below position j (capped at 50); the set A_u = sampled ∪ (Q_T2 \\ sampled); and the
-teacher's logits on Q_S and A_u, which only change once per epoch. Per batch only the student's
-logits are computed.
+teacher's softmax targets on Q_S and A_u, which only change once per epoch (its logits on Q_T never
+change: they are computed once). Per batch only the student's logits are computed, on one list a
+user, [Q_S | sampled | Q_T], in one pass (:func:`rcekd.kd.base.student_scores`).
 
 Sampling without replacement uses the Gumbel-top-k trick: the L largest of log p_j + Gumbel noise
 are distributed exactly as L successive weighted draws without replacement.
@@ -18,8 +19,17 @@ from typing import Any
 import torch
 
 from rcekd.data import Dataset
-from rcekd.kd.base import Distiller, Teacher, rowwise_isin, soft_cross_entropy, student_vectors, topk_items, user_chunks
-from rcekd.kd.sampling import gumbel_topk
+from rcekd.kd.base import (
+    Distiller,
+    Teacher,
+    rowwise_positions,
+    student_scores,
+    student_vectors,
+    teacher_scores,
+    topk_items,
+    user_chunks,
+)
+from rcekd.kd.sampling import MASKED, gumbel_topk
 from rcekd.models.base import Recommender
 
 GAMMA_MODES = ("paper", "sampled")
@@ -29,9 +39,41 @@ Z_CAP = 50
 
 def sampling_counts(teacher_top: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """z: int64[b, mxK], z[r, j] = #teacher items of row r at student positions ≥ j, capped at 50."""
-    at_position = rowwise_isin(candidates, teacher_top)  # candidate j is a teacher item
+    return _counts_from_positions(rowwise_positions(teacher_top, candidates), candidates.shape[1])
+
+
+def _counts_from_positions(teacher_positions: torch.Tensor, mxK: int) -> torch.Tensor:
+    """z from each teacher item's position in C (mxK where absent)."""
+    at_position = _position_mask(teacher_positions, mxK)  # a teacher item sits at student position j
     reverse_cumsum = at_position.flip(1).cumsum(1).flip(1)
     return reverse_cumsum.clamp(max=Z_CAP)
+
+
+def _position_mask(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """bool[b, width]: True at the given positions; positions ≥ width (absent) are dropped."""
+    mask = torch.zeros(positions.shape[0], width + 1, dtype=torch.bool, device=positions.device)
+    return mask.scatter_(1, positions.clamp(max=width), True)[:, :width]
+
+
+def _target(teacher_logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax of the teacher's logits over the valid entries, 0 elsewhere (and on rows with none):
+    the fixed side of CE(softmax(t), softmax(s)), computed once per epoch instead of once per batch."""
+    if valid is None:
+        return torch.softmax(teacher_logits, dim=1)
+    probs = torch.softmax(teacher_logits.masked_fill(~valid, -torch.inf), dim=1)
+    return torch.where(valid, probs, torch.zeros_like(probs))  # rows without a valid entry: 0, not NaN
+
+
+def _cross_entropy(
+    target: torch.Tensor, student_logits: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float[b]: −Σ target · log softmax(student) over the valid entries (0 for rows with none).
+
+    Invalid entries get MASKED, not −∞: exp() of it is 0 next to any valid logit, so the log-softmax
+    of the valid entries is the same, and rows with none give 0 · finite instead of NaN."""
+    if valid is not None:
+        student_logits = student_logits.masked_fill(~valid, MASKED)
+    return -(target * torch.log_softmax(student_logits, dim=1)).sum(1)
 
 
 class RCEKD(Distiller):
@@ -79,6 +121,8 @@ class RCEKD(Distiller):
         self.beta, self.tau, self.tau_s = beta, tau, tau_s
         self.gamma_mode, self.ablation, self.const_gamma = gamma_mode, ablation, const_gamma
         self.teacher_top = teacher.topk(K)  # Q_T, once: the teacher is frozen
+        users = torch.arange(self.teacher_top.shape[0], device=self.teacher_top.device)
+        self.teacher_top_logits = teacher_scores(teacher, users, self.teacher_top) / tau  # and so are its logits on Q_T
         self.state: dict[str, torch.Tensor] = {}
 
     # -------------------------------------------------------------------------------- per epoch
@@ -89,40 +133,49 @@ class RCEKD(Distiller):
         for start, stop in user_chunks(candidates.shape[0], self.mxK * self.K):
             for name, value in self._plan(start, stop, candidates[start:stop]).items():
                 parts.setdefault(name, []).append(value)
-        self.state = {name: torch.cat(values) for name, values in parts.items()}
+        state = {name: torch.cat(values) for name, values in parts.items()}
+        if "items" in state:  # the sets as views of the one list a user: Q_S | A_u = sampled | Q_T
+            state["student_top"] = state["items"][:, : self.K]
+            state["a_items"] = state["items"][:, self.K :]
+        self.state = state
 
     def _plan(self, start: int, stop: int, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-epoch sets, weights and teacher logits for users start..stop-1."""
+        """Per-epoch sets, weights and teacher targets for users start..stop-1."""
         users = torch.arange(start, stop, device=candidates.device)
         teacher_top = self.teacher_top[start:stop]
+        teacher_top_logits = self.teacher_top_logits[start:stop]
         student_top = candidates[:, : self.K]  # Q_S
-        in_student_top = rowwise_isin(teacher_top, student_top)  # Q_T1 membership over Q_T
+        positions = rowwise_positions(teacher_top, candidates)  # each teacher item's place in C (mxK: absent)
+        in_student_top = positions < self.K  # Q_T1 membership over Q_T
         if self.ablation == "wo_sep":
             # one CE over Q_S ∪ Q_T: Q_S plus the teacher items outside it
             items = torch.cat([student_top, teacher_top], 1)
             valid = torch.cat([torch.ones_like(student_top, dtype=torch.bool), ~in_student_top], 1)
-            return {"union_items": items, "union_valid": valid, "t_union": self.teacher.score(users, items) / self.tau}
+            logits = torch.cat([teacher_scores(self.teacher, users, student_top) / self.tau, teacher_top_logits], 1)
+            return {"union_items": items, "union_valid": valid, "p_union": _target(logits, valid)}
 
         if self.ablation == "wo_sampling" or self.L == 0:
-            sampled = candidates[:, :0]
+            sampled_at = positions.new_zeros(positions.shape[0], 0)
         else:
-            z = sampling_counts(teacher_top, candidates).float()
-            positions = gumbel_topk((z + 1) / self.tau_s, self.L, self.generator)
-            sampled = candidates.gather(1, positions)
-        in_sampled = rowwise_isin(teacher_top, sampled)
+            z = _counts_from_positions(positions, self.mxK).float()
+            sampled_at = gumbel_topk((z + 1) / self.tau_s, self.L, self.generator)
+        sampled = candidates.gather(1, sampled_at)
+        in_sampled = _position_mask(sampled_at, self.mxK).gather(1, positions.clamp(max=self.mxK - 1))
+        in_sampled &= positions < self.mxK
         # A_u = sampled ∪ (Q_T2 minus the sampled items); Q_T2 = Q_T minus Q_S
-        a_items = torch.cat([sampled, teacher_top], 1)
         a_valid = torch.cat([torch.ones_like(sampled, dtype=torch.bool), ~(in_student_top | in_sampled)], 1)
         overlap = (in_student_top if self.gamma_mode == "paper" else in_sampled).float().mean(1)
         gamma = torch.exp(-self.beta * overlap)
         if self.ablation == "const_gamma":
             gamma = torch.full_like(gamma, self.const_gamma)
+        listed = torch.cat([student_top, sampled], 1)  # the teacher's logits on Q_S and the sample: new each epoch
+        t_listed = teacher_scores(self.teacher, users, listed) / self.tau
+        t_a = torch.cat([t_listed[:, self.K :], teacher_top_logits], 1)
         return {
-            "student_top": student_top,
-            "t_student_top": self.teacher.score(users, student_top) / self.tau,
-            "a_items": a_items,
+            "items": torch.cat([listed, teacher_top], 1),
+            "p_student_top": _target(t_listed[:, : self.K]),
             "a_valid": a_valid,
-            "t_a": self.teacher.score(users, a_items) / self.tau,
+            "p_a": _target(t_a, a_valid),
             "gamma": gamma,
         }
 
@@ -130,22 +183,23 @@ class RCEKD(Distiller):
     def user_loss(self, users: torch.Tensor, student: Recommender) -> torch.Tensor:
         if not self.state:
             raise RuntimeError("on_epoch_start must run before loss")
-        s = self.state
-        if self.ablation == "wo_sep":
-            items = s["union_items"][users]
-            return soft_cross_entropy(
-                s["t_union"][users], student.score(users, items) / self.tau, s["union_valid"][users]
-            )
 
-        top = s["student_top"][users]
-        l1 = soft_cross_entropy(
-            s["t_student_top"][users], student.score(users, top) / self.tau, torch.ones_like(top, dtype=torch.bool)
-        )
+        def rows(name: str) -> torch.Tensor:  # index_select copies whole rows: ~4× faster than s[name][users]
+            return self.state[name].index_select(0, users)
+
+        if self.ablation == "wo_sep":
+            logits = student_scores(student, users, rows("union_items")) / self.tau
+            return _cross_entropy(rows("p_union"), logits, rows("union_valid"))
+
+        items = rows("student_top" if self.ablation == "wo_s" else "items")  # [Q_S | sampled | Q_T]
+        logits = student_scores(student, users, items)  # one pass over the user's lists
+        if self.tau != 1.0:
+            logits = logits / self.tau
+        l1 = _cross_entropy(rows("p_student_top"), logits[:, : self.K])
         if self.ablation == "wo_s":
             return l1
-        a_items = s["a_items"][users]
-        l2 = soft_cross_entropy(s["t_a"][users], student.score(users, a_items) / self.tau, s["a_valid"][users])
-        gamma = s["gamma"][users]
+        l2 = _cross_entropy(rows("p_a"), logits[:, self.K :], rows("a_valid"))
+        gamma = rows("gamma")
         return (1 - gamma) * l1 + gamma * l2
 
     def diagnostics(self) -> dict[str, Any]:
