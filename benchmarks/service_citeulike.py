@@ -125,7 +125,9 @@ def run_one(name: str, seed: int, port: int, load_requests: int) -> dict[str, An
     if cli_process is not None and cli_process.wait() != 0:
         raise SystemExit(f"rcekd distill failed for {name}")
     cli_manifest = json.loads((cli_out / "manifest.json").read_text())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     return {"teacher": name, "seed": seed, "job_seconds": job_seconds, "compare": compare, "load": load,
+            "code": commit.strip(),
             "cli_ndcg@20": cli_manifest["metrics"]["test"]["ndcg@20"]}  # fmt: skip
 
 
@@ -146,6 +148,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         t, s = teacher["metrics"]["ndcg@20"], student["metrics"]["ndcg@20"]
         lines += [
             f"## {row['teacher']} → RCE-KD MF d=20 (seed {row['seed']}, job {row['job_seconds']:.0f} s)",
+            "",
+            f"Code: {row.get('code', 'unrecorded')}. {row.get('note', '')}",
             "",
             "| model | test NDCG@20 | parameters | serving bytes | model-only p50 / p99 ms "
             "| HTTP p50 / p99 ms (16 clients) | req/s | errors |",
