@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rcekd.checkpoint import MANIFEST, save_artifact, write_artifact_dir
 from rcekd.data import Dataset
@@ -50,10 +50,7 @@ class DistillSpec:
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> DistillSpec:
-        values = dict(spec)
-        values["index"] = IndexSpec(**values.get("index", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return _from_dict(cls, spec)
 
 
 @dataclass
@@ -67,10 +64,18 @@ class TeacherSpec:
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> TeacherSpec:
-        values = dict(spec)
-        values["index"] = IndexSpec(**values.get("index", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return _from_dict(cls, spec)
+
+
+Spec = TypeVar("Spec", DistillSpec, TeacherSpec)
+
+
+def _from_dict(cls: type[Spec], spec: dict[str, Any]) -> Spec:
+    """A job spec from its stored JSON; keys the class does not know (e.g. ``dataset``) are ignored."""
+    values = dict(spec)
+    values["index"] = IndexSpec(**values.get("index", {}))
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def train_config(arch: str, overrides: dict[str, Any]) -> TrainConfig:

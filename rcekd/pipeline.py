@@ -97,20 +97,27 @@ def training_record(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
     }
 
 
-def load_teacher(teacher_dir: str | Path, dataset: Dataset) -> tuple[Teacher, dict[str, Any]]:
-    """Load a teacher artifact and refuse it when it was trained on other data (other splits leak)."""
-    model, manifest = load_model(teacher_dir)
-    recorded = manifest.get("dataset", {}).get("fingerprint")
-    if recorded != dataset.fingerprint:
+def check_teacher_fits(model: Recommender, fingerprint: str | None, dataset: Dataset, *, required: bool) -> None:
+    """Refuse a teacher of other data (other splits leak the test set) or of other sizes.
+
+    ``required``: an artifact must carry the dataset's fingerprint; bare uploads may carry none.
+    """
+    if (fingerprint is not None or required) and fingerprint != dataset.fingerprint:
         raise CheckpointError(
-            f"teacher {teacher_dir} was trained on dataset {str(recorded)[:12]}…, this dataset is "
-            f"{dataset.fingerprint[:12]}… (other files, or another --valid-seed)"
+            f"teacher was trained on dataset {str(fingerprint)[:12]}…, this dataset is "
+            f"{dataset.fingerprint[:12]}… (other files, or another validation seed)"
         )
     if model.n_users != dataset.n_users or model.n_items != dataset.n_items:
         raise CheckpointError(
             f"teacher has {model.n_users} users × {model.n_items} items, the dataset "
             f"{dataset.n_users} × {dataset.n_items}"
         )
+
+
+def load_teacher(teacher_dir: str | Path, dataset: Dataset) -> tuple[Teacher, dict[str, Any]]:
+    """Load a teacher artifact and refuse it when it was trained on other data."""
+    model, manifest = load_model(teacher_dir)
+    check_teacher_fits(model, manifest.get("dataset", {}).get("fingerprint"), dataset, required=True)
     return Teacher(model), manifest
 
 

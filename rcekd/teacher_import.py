@@ -28,6 +28,7 @@ from rcekd.data import Dataset
 from rcekd.kd import METHODS, Teacher
 from rcekd.kd.onnx_teacher import OnnxScoresTeacher, looks_like_onnx
 from rcekd.models import MODELS, Recommender, build_model, model_from_config
+from rcekd.pipeline import check_teacher_fits
 from rcekd.safe_archive import check_zip_limits, extract_archive, is_zip
 
 VECTOR_METHODS = frozenset(METHODS)
@@ -137,16 +138,7 @@ def _vector_teacher(
     logit_scale: float | None,
 ) -> ImportedTeacher:
     """Refuse a teacher of other data (other splits leak the test set), else wrap it."""
-    if fingerprint is not None and fingerprint != dataset.fingerprint:
-        raise CheckpointError(
-            f"teacher was trained on dataset {str(fingerprint)[:12]}…, this dataset is "
-            f"{dataset.fingerprint[:12]}… (other files, or another validation seed)"
-        )
-    if model.n_users != dataset.n_users or model.n_items != dataset.n_items:
-        raise CheckpointError(
-            f"teacher has {model.n_users} users × {model.n_items} items, the dataset "
-            f"{dataset.n_users} × {dataset.n_items}"
-        )
+    check_teacher_fits(model, fingerprint, dataset, required=False)
     supports = VECTOR_METHODS if trajectory_dir else VECTOR_METHODS - {"hetcomp"}
     teacher = Teacher(model, logit_scale=logit_scale)
     verified = fingerprint is not None
