@@ -194,22 +194,7 @@ class JobRunner:
         ]
 
     def _register(self, job_id: str, dataset_id: str, manifest: dict[str, Any], directory: Path, verified: bool) -> str:
-        kd = manifest.get("kd", {}).get("method")
-        name = f"{manifest['role']}-{manifest['arch']}{manifest.get('hyperparameters', {}).get('dim', '')}"
-        self.registry.add_model(
-            id=manifest["id"],
-            job_id=job_id,
-            role=manifest["role"],
-            name=f"{name}-{kd}" if kd else name,
-            directory=str(directory),
-            arch=manifest["arch"],
-            dataset_id=dataset_id,
-            metrics=manifest.get("metrics", {}),
-            n_parameters=manifest.get("n_parameters"),
-            bytes={name: meta["bytes"] for name, meta in manifest.get("files", {}).items()},
-            manifest=manifest,
-            verified=verified,
-        )
+        self.registry.register_artifact(manifest, directory, dataset_id, job_id=job_id, verified=verified)
         return manifest["id"]
 
     def _finish(self, job_id: str, out_root: Path, state: JobState, **fields: Any) -> dict[str, Any]:

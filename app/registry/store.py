@@ -48,6 +48,34 @@ class Registry(RecoveryStore):
             return list(session.scalars(select(Dataset).order_by(Dataset.id)))
 
     # models
+    def register_artifact(
+        self,
+        manifest: dict[str, Any],
+        directory: str | Path,
+        dataset_id: str,
+        *,
+        job_id: str | None = None,
+        verified: bool = True,
+        name: str | None = None,
+    ) -> Model:
+        """Register an artifact directory from its manifest (the worker's and the tests' one path)."""
+        kd = (manifest.get("kd") or {}).get("method")
+        default = f"{manifest['role']}-{manifest['arch']}{(manifest.get('hyperparameters') or {}).get('dim', '')}"
+        return self.add_model(
+            manifest["id"],
+            role=manifest["role"],
+            name=name or (f"{default}-{kd}" if kd else default),
+            directory=directory,
+            arch=manifest["arch"],
+            dataset_id=dataset_id,
+            metrics=manifest.get("metrics", {}),
+            n_parameters=manifest.get("n_parameters"),
+            bytes={file: meta["bytes"] for file, meta in manifest.get("files", {}).items()},
+            manifest=manifest,
+            job_id=job_id,
+            verified=verified,
+        )
+
     def add_model(
         self,
         id: str,

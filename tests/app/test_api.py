@@ -165,20 +165,7 @@ def served(client: TestClient, tmp_path: Path) -> dict:
     spec = TeacherSpec.from_dict({"arch": "mf", "params": {"dim": 16}, "training": {"epochs": 6, "lr": 1e-2}})
     out = client.app.state.settings.artifacts_dir / "manual" / "teacher"
     manifest = run_teacher_job(dataset, spec, out)
-    registry.add_model(
-        id=manifest["id"],
-        job_id=None,
-        role="teacher",
-        name="teacher-mf16",
-        directory=str(out),
-        arch="mf",
-        dataset_id=DATASET,
-        metrics=manifest["metrics"],
-        n_parameters=manifest["n_parameters"],
-        bytes={k: v["bytes"] for k, v in manifest["files"].items()},
-        manifest=manifest,
-        verified=True,
-    )
+    registry.register_artifact(manifest, out, DATASET, name="teacher-mf16")
     assert client.post(f"/models/{manifest['id']}/activate", headers=AUTH).status_code == 200
     return {"manifest": manifest, "dataset": dataset}
 
@@ -236,21 +223,7 @@ def test_a_corrupted_model_is_refused_and_the_old_one_keeps_serving(client: Test
     with open(copy_dir / "items.faiss", "r+b") as handle:
         handle.seek(64)
         handle.write(b"\x00" * 16)
-    manifest = {**row.manifest, "id": "corrupt-copy"}
-    registry.add_model(
-        id="corrupt-copy",
-        job_id=None,
-        role="teacher",
-        name="corrupt",
-        directory=str(copy_dir),
-        arch="mf",
-        dataset_id=DATASET,
-        metrics=row.metrics,
-        n_parameters=row.n_parameters,
-        bytes=row.bytes,
-        manifest=manifest,
-        verified=True,
-    )
+    registry.register_artifact({**row.manifest, "id": "corrupt-copy"}, copy_dir, DATASET, name="corrupt")
     response = client.post("/models/corrupt-copy/activate", headers=AUTH)
     assert response.status_code == 422 and "sha256" in response.text
     assert client.get("/recommend/3").json()["model"] == old

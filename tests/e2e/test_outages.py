@@ -52,17 +52,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_dataset_dir: Path) 
 
 def register(registry: Registry, artifact: dict[str, Any]) -> str:
     manifest = artifact["manifest"]
-    registry.add_model(
-        id=manifest["id"],
-        role="teacher",
-        name=f"teacher-{manifest['id'][:6]}",
-        directory=str(artifact["directory"]),
-        arch="mf",
-        dataset_id=DATASET,
-        metrics=manifest["metrics"],
-        manifest=manifest,
-        verified=True,
-    )
+    registry.register_artifact(manifest, artifact["directory"], DATASET, name=f"teacher-{manifest['id'][:6]}")
     return manifest["id"]
 
 
