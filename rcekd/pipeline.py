@@ -133,9 +133,7 @@ def distill_and_save(
     """Distil a teacher artifact into a student with ``method`` ('none': the student alone)."""
     dataset = data if isinstance(data, Dataset) else load_dataset(data, valid_seed=valid_seed)
     teacher, teacher_manifest = load_teacher(teacher_dir, dataset)
-    return distill_teacher(
-        dataset, teacher, teacher_manifest, method, out_dir, trajectory=Path(teacher_dir), **kwargs
-    )
+    return distill_teacher(dataset, teacher, teacher_manifest, method, out_dir, trajectory=Path(teacher_dir), **kwargs)
 
 
 def distill_teacher(

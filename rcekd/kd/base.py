@@ -8,7 +8,6 @@ once per distinct user and weighted by the user's row count — the same value, 
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -17,6 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from rcekd.data import Dataset
+from rcekd.kd import kernels
 from rcekd.models.base import Batch, Recommender
 
 #: scores held per chunk when ranking all items (float32 → 128 MiB)
@@ -156,59 +156,41 @@ def rowwise_positions(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
 
 
 class _GatheredScores(torch.autograd.Function):
-    """scores[r, j] = user_vecs[r] · item_vecs[items[r, j]], through sparse kernels (CPU).
+    """scores[r, j] = user_vecs[r] · item_vecs[items[r, j]] on CPU, by the compiled loops of
+    :mod:`rcekd.kd.kernels`: one pass forward, one pass back (the item gradient a scatter-add).
 
-    The plain einsum gathers b · w item rows into a fresh tensor and, backwards, index_adds b · w
-    gradient rows at random offsets: both stream through memory. Seen as a sparse b × n pattern
-    (row r holds the columns items[r]), the scores are a sampled dense-dense product, the user
-    gradient is pattern @ item_vecs, and the item gradient is patternᵀ @ user_vecs — the transposed
-    pattern built from one sort of the column ids. None of them materialises a b × w × d tensor.
-    Repeated columns in a row are fine: each entry is scored, and contributes, on its own.
+    Through torch ops the same scores either gather b · w item rows into a fresh b × w × d tensor
+    (memory-bound both ways), or go through sparse kernels whose item gradient needs a sort of the
+    b · w item ids every batch; on a Gowalla batch both cost 2–3× the loops. Repeated columns in a
+    row are fine: each entry is scored, and contributes, on its own.
     """
 
     @staticmethod
     def forward(ctx: Any, user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        n_rows, width = items.shape
-        n_items = item_vecs.shape[0]
-        user_vecs, item_vecs = user_vecs.detach(), item_vecs.detach()
-        crow = torch.arange(0, n_rows * width + 1, width, device=items.device)
-        cols = items.reshape(-1)
-        ones = user_vecs.new_ones(cols.shape[0])
-        pattern = torch.sparse_csr_tensor(crow, cols, ones, (n_rows, n_items), check_invariants=False)
-        scores = torch.sparse.sampled_addmm(pattern, user_vecs, item_vecs.t(), beta=0.0).values().view(n_rows, width)
-        ctx.save_for_backward(user_vecs, item_vecs, crow, cols)
-        ctx.shape = (n_rows, width, n_items)
-        return scores
+        user_vecs, item_vecs = user_vecs.detach().contiguous(), item_vecs.detach().contiguous()
+        ctx.save_for_backward(user_vecs, item_vecs, items)
+        return kernels.list_scores(user_vecs, item_vecs, items)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        user_vecs, item_vecs, crow, cols = ctx.saved_tensors
-        n_rows, width, n_items = ctx.shape
-        values = grad.reshape(-1)
-        grad_users = grad_items = None
-        if ctx.needs_input_grad[0]:
-            pattern = torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_items), check_invariants=False)
-            grad_users = torch.sparse.mm(pattern, item_vecs)
-        if ctx.needs_input_grad[1]:
-            by_item, order = cols.to(torch.int32).sort(stable=True)
-            item_crow = torch.zeros(n_items + 1, dtype=torch.int64, device=cols.device)
-            item_crow[1:] = torch.bincount(by_item, minlength=n_items).cumsum(0)
-            row_of = torch.div(order, width, rounding_mode="floor")
-            transposed = torch.sparse_csr_tensor(
-                item_crow, row_of, values.index_select(0, order), (n_items, n_rows), check_invariants=False
-            )
-            grad_items = torch.sparse.mm(transposed, user_vecs)
+        user_vecs, item_vecs, items = ctx.saved_tensors
+        grad_users, grad_items = kernels.list_grads(user_vecs, item_vecs, items, grad.contiguous())
         return grad_users, grad_items, None
 
 
 def gathered_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """float[b, w]: ``einsum("bd,bwd->bw", user_vecs, item_vecs[items])`` (same values up to rounding),
     differentiable in both vector sets; on CPU through :class:`_GatheredScores`."""
-    if item_vecs.device.type != "cpu" or items.numel() == 0:
+    compiled = (
+        item_vecs.device.type == "cpu"
+        and items.numel() > 0
+        and items.dtype == torch.int64
+        and item_vecs.dtype in kernels.FLOATS
+        and user_vecs.dtype == item_vecs.dtype
+    )
+    if not compiled:  # CUDA (or odd dtypes): torch's own gather is the fast path there
         return torch.einsum("bd,bwd->bw", user_vecs, item_vecs[items])
-    with warnings.catch_warnings():  # torch flags its CSR tensors as beta once per process
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return _GatheredScores.apply(user_vecs, item_vecs, items)
+    return _GatheredScores.apply(user_vecs, item_vecs, items)
 
 
 def student_scores(student: Recommender, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

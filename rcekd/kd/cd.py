@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rcekd.data import Dataset
-from rcekd.kd.base import Distiller, Teacher, student_vectors, topk_items, user_chunks
+from rcekd.kd.base import Distiller, Teacher, student_scores, student_vectors, teacher_scores, topk_items, user_chunks
 from rcekd.kd.sampling import allowed_counts, gumbel_topk
 from rcekd.models.base import Recommender
 
@@ -65,13 +65,13 @@ class CD(Distiller):
         return {
             "items": items,
             "valid": valid.gather(1, positions),
-            "labels": torch.sigmoid(self.teacher.score(users, items) / self.T),
+            "labels": torch.sigmoid(teacher_scores(self.teacher, users, items) / self.T),
         }
 
     def user_loss(self, users: torch.Tensor, student: Recommender) -> torch.Tensor:
         if not self.state:
             raise RuntimeError("on_epoch_start must run before loss")
         s = self.state
-        logits = student.score(users, s["items"][users])
+        logits = student_scores(student, users, s["items"][users])
         bce = F.binary_cross_entropy_with_logits(logits, s["labels"][users], reduction="none")
         return (bce * s["valid"][users]).sum(1)

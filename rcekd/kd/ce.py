@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from rcekd.data import Dataset
-from rcekd.kd.base import Distiller, Teacher, soft_cross_entropy
+from rcekd.kd.base import Distiller, Teacher, soft_cross_entropy, student_scores, teacher_scores
 from rcekd.models.base import Recommender
 
 
@@ -22,12 +22,12 @@ class VanillaCE(Distiller):
         self.tau = tau
         self.teacher_top = teacher.topk(K)
         users = torch.arange(teacher.n_users, device=self.teacher_top.device)
-        self.teacher_logits = teacher.score(users, self.teacher_top) / tau  # fixed: Q_T never changes
+        self.teacher_logits = teacher_scores(teacher, users, self.teacher_top) / tau  # fixed: Q_T never changes
 
     def on_epoch_start(self, student: Recommender, epoch: int) -> None:
         """Nothing to refresh: the set is the teacher's."""
 
     def user_loss(self, users: torch.Tensor, student: Recommender) -> torch.Tensor:
         items = self.teacher_top[users]
-        student_logits = student.score(users, items) / self.tau
+        student_logits = student_scores(student, users, items) / self.tau
         return soft_cross_entropy(self.teacher_logits[users], student_logits, torch.ones_like(items, dtype=torch.bool))

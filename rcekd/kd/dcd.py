@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 
 from rcekd.data import Dataset
-from rcekd.kd.base import Distiller, Teacher, rowwise_isin, student_vectors, topk_items, user_chunks
+from rcekd.kd.base import Distiller, Teacher, rowwise_isin, student_scores, student_vectors, topk_items, user_chunks
 from rcekd.kd.sampling import allowed_counts, gumbel_topk, listwise_loss
 from rcekd.models.base import Batch, Recommender
 
@@ -150,7 +150,7 @@ class DCD(Distiller):
 
         def score_users(rows: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
             pairs_items = rows.repeat_interleave(users.shape[1]).unsqueeze(1)
-            return student.score(users.reshape(-1), pairs_items).reshape(users.shape)
+            return student_scores(student, users.reshape(-1), pairs_items).reshape(users.shape)
 
         return self._correction("item", items, score_users)
 

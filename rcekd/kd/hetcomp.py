@@ -38,7 +38,16 @@ import torch
 import torch.nn.functional as F
 
 from rcekd.data import Dataset
-from rcekd.kd.base import Distiller, Teacher, rowwise_isin, student_vectors, topk_items, user_chunks
+from rcekd.kd.base import (
+    Distiller,
+    Teacher,
+    rowwise_isin,
+    student_scores,
+    student_vectors,
+    teacher_scores,
+    topk_items,
+    user_chunks,
+)
 from rcekd.kd.sampling import MASKED, allowed_counts, listwise_loss, pair_keys, sample_excluding
 from rcekd.models.base import Recommender
 
@@ -165,13 +174,13 @@ class HetComp(Distiller):
         positives, positives_valid = sample_positives(self.train_csr, self.max_positives, self.generator, users.device)
         if self.final_phase:  # ListMLE needs the positives in the final teacher's order
             dim = self.teacher.user_vecs.shape[1]
-            teacher_scores = torch.cat(
+            positive_scores = torch.cat(
                 [
-                    self.teacher.score(users[a:b], positives[a:b])
+                    teacher_scores(self.teacher, users[a:b], positives[a:b])
                     for a, b in user_chunks(users.shape[0], self.max_positives * dim)
                 ]
             )
-            order = teacher_scores.masked_fill(~positives_valid, -torch.inf).argsort(1, descending=True)
+            order = positive_scores.masked_fill(~positives_valid, -torch.inf).argsort(1, descending=True)
             positives, positives_valid = positives.gather(1, order), positives_valid.gather(1, order)
         negatives, negatives_valid = [], []
         n_items = self.dataset.n_items
@@ -236,7 +245,7 @@ class HetComp(Distiller):
         s = self.state
         n_pos, n_top = s["positives"].shape[1], s["targets"].shape[1]
         items = torch.cat([s["positives"][users], s["targets"][users], s["negatives"][users]], 1)
-        logits = student.score(users, items)  # one call: LightGCN propagates once per score()
+        logits = student_scores(student, users, items)  # one call: LightGCN propagates once per score()
         pos, top, neg = logits[:, :n_pos], logits[:, n_pos : n_pos + n_top], logits[:, n_pos + n_top :]
         pos_valid, top_valid = s["positives_valid"][users], self.top_valid[users]
         neg = neg.masked_fill(~s["negatives_valid"][users], MASKED) + s["log_scale"][users].unsqueeze(1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from rcekd.data import Dataset
-from rcekd.kd.base import Distiller, Teacher, user_chunks
+from rcekd.kd.base import Distiller, Teacher, student_scores, user_chunks
 from rcekd.kd.sampling import allowed_counts, gumbel_topk, listwise_loss, pair_keys, sample_excluding
 from rcekd.models.base import Recommender
 
@@ -81,7 +81,7 @@ class RRD(Distiller):
             raise RuntimeError("on_epoch_start must run before loss")
         s = self.state
         items = torch.cat([s["interesting"][users], s["below"][users]], 1)
-        logits = student.score(users, items)  # one call: LightGCN propagates once per score()
+        logits = student_scores(student, users, items)  # one call: LightGCN propagates once per score()
         return listwise_loss(
             logits[:, : self.K], logits[:, self.K :], s["interesting_valid"][users], s["below_valid"][users]
         )

@@ -1,0 +1,98 @@
+"""Compiled CPU kernels for the KD hot path: scores of each user's item list, and their gradients.
+
+Every KD method scores a few hundred items per batch user, for every row of every batch. Through
+torch ops this either gathers b × w × d item rows (memory-bound) or goes through sparse kernels whose
+item gradient needs a sort of the b · w item ids each batch; both spent ~10 ms a Gowalla batch on
+what is ~6 M multiply-adds. These loops do it in one pass each, in cache, with no sort: the item
+gradient is a scatter-add, which a serial loop does without atomics.
+
+:func:`list_scores` and :func:`list_grads` are the only entry points: they check dtypes, shapes,
+contiguity and id ranges (numba does not bounds-check, so an id out of range would read or write
+outside the tables) and then call the kernels on NumPy views of the tensors' memory.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+# reassoc/contract let LLVM vectorise the d-long dot products; the order of the sums is fixed for a
+# given machine, so results are deterministic, and equal to torch's up to float rounding
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+#: the vector dtypes the kernels are compiled for
+FLOATS = (torch.float32, torch.float64)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _scores_kernel(user_vecs, item_vecs, items, out):  # type: ignore[no-untyped-def]
+    n_rows, width = items.shape
+    dim = user_vecs.shape[1]
+    for r in range(n_rows):
+        for j in range(width):
+            item = items[r, j]
+            acc = user_vecs[r, 0] * 0  # zero of the vectors' dtype
+            for k in range(dim):
+                acc += user_vecs[r, k] * item_vecs[item, k]
+            out[r, j] = acc
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _grads_kernel(user_vecs, item_vecs, items, grad, grad_users, grad_items):  # type: ignore[no-untyped-def]
+    n_rows, width = items.shape
+    dim = user_vecs.shape[1]
+    for r in range(n_rows):
+        for j in range(width):
+            item = items[r, j]
+            g = grad[r, j]
+            for k in range(dim):
+                grad_users[r, k] += g * item_vecs[item, k]
+                grad_items[item, k] += g * user_vecs[r, k]
+
+
+def _check(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> None:
+    if user_vecs.device.type != "cpu" or item_vecs.device.type != "cpu" or items.device.type != "cpu":
+        raise ValueError("list kernels run on CPU tensors")
+    if user_vecs.dtype not in FLOATS or item_vecs.dtype != user_vecs.dtype or items.dtype != torch.int64:
+        raise TypeError(
+            f"need float32 or float64 vectors of one dtype and int64 ids, got {user_vecs.dtype}, "
+            f"{item_vecs.dtype}, {items.dtype}"
+        )
+    if user_vecs.dim() != 2 or item_vecs.dim() != 2 or items.dim() != 2:
+        raise ValueError("need user_vecs [b, d], item_vecs [n, d] and items [b, w]")
+    if user_vecs.shape[1] != item_vecs.shape[1] or items.shape[0] != user_vecs.shape[0]:
+        raise ValueError(f"shapes do not fit: {tuple(user_vecs.shape)}, {tuple(item_vecs.shape)}, {tuple(items.shape)}")
+    if items.numel() and (int(items.min()) < 0 or int(items.max()) >= item_vecs.shape[0]):
+        raise IndexError(f"item ids must lie in [0, {item_vecs.shape[0]})")
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().contiguous().numpy()
+
+
+def list_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """float[b, w]: ``user_vecs[r] · item_vecs[items[r, j]]`` (no autograd)."""
+    _check(user_vecs, item_vecs, items)
+    out = torch.empty(items.shape, dtype=user_vecs.dtype)
+    _scores_kernel(_numpy(user_vecs), _numpy(item_vecs), _numpy(items), out.numpy())
+    return out
+
+
+def list_grads(
+    user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float[b, d], float[n, d]): the gradients of Σ grad ⊙ :func:`list_scores` in both vector sets."""
+    _check(user_vecs, item_vecs, items)
+    if grad.shape != items.shape:
+        raise ValueError(f"grad {tuple(grad.shape)} must match items {tuple(items.shape)}")
+    grad_users = torch.zeros_like(user_vecs, memory_format=torch.contiguous_format)
+    grad_items = torch.zeros_like(item_vecs, memory_format=torch.contiguous_format)
+    _grads_kernel(
+        _numpy(user_vecs),
+        _numpy(item_vecs),
+        _numpy(items),
+        _numpy(grad.to(user_vecs.dtype)),
+        grad_users.numpy(),
+        grad_items.numpy(),
+    )
+    return grad_users, grad_items
