@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,24 @@ def data_dir(name: str) -> Path:
     return Path(os.environ.get("RCEKD_DATA_ROOT", DEFAULT_DATA)) / name
 
 
+def code_version() -> str:
+    """The commit the benchmark ran on (``+dirty`` with uncommitted changes), so results trace to code."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict[str, Any]:
     return {
+        "code": code_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, data_dir, write_results
+from benchmarks.common import RESULTS, code_version, data_dir, write_results
+from benchmarks.quality import parse_variant
 from rcekd.data import load_dataset
 from rcekd.kd import make_distiller
 from rcekd.metrics import evaluate_model
@@ -27,13 +28,18 @@ from rcekd.pipeline import load_teacher
 from rcekd.train import TrainConfig, train
 
 
-def time_method(method: str, dataset, teacher, options: dict[str, Any], epochs: int, seed: int) -> dict[str, float]:
-    """Seconds per epoch (training only) and seconds of one validation, for ``epochs`` epochs."""
+def time_method(variant: str, dataset, teacher, teacher_dir: str, epochs: int, seed: int) -> dict[str, float]:
+    """Seconds per epoch (training only) and seconds of one validation, for ``epochs`` epochs.
+
+    ``variant`` is a method, optionally with options (``rcekd:K=100,mxK=100``; see benchmarks.quality)."""
+    method, options = parse_variant(variant)
+    if method == "hetcomp":
+        options.setdefault("trajectory", teacher_dir)  # its training checkpoints
     torch.manual_seed(seed)
     student = build_model("mf", dataset, dim=20)
     distiller = None
     if method != "none":
-        distiller = make_distiller(method, teacher, dataset, seed=seed, **options.get(method, {}))
+        distiller = make_distiller(method, teacher, dataset, seed=seed, **options)
     config = TrainConfig(epochs=epochs, eval_every=10**9, patience=10**9, seed=seed)
     result = train(student, dataset, config, distiller=distiller)
     started = time.perf_counter()
@@ -46,7 +52,12 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--teacher", required=True)
-    parser.add_argument("--methods", nargs="+", default=["none", "rcekd", "ce", "cd", "rrd", "dcd", "hetcomp"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["none", "rcekd", "ce", "cd", "rrd", "dcd", "hetcomp"],
+        help="methods, optionally with options: rcekd:K=100,mxK=100",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--note", default="", help="a line for the markdown, e.g. what the teacher was")
@@ -58,8 +69,7 @@ def main() -> None:
     samples: dict[str, list[dict[str, float]]] = {m: [] for m in args.methods}
     for round_no in range(args.rounds):
         for method in args.methods:
-            options = {"hetcomp": {"trajectory": args.teacher}}  # its training checkpoints
-            samples[method].append(time_method(method, dataset, teacher, options, args.epochs, seed=round_no))
+            samples[method].append(time_method(method, dataset, teacher, args.teacher, args.epochs, seed=round_no))
             print(f"round {round_no} {method:<8} {samples[method][-1]['train']:.2f} s/epoch", flush=True)
 
     base_train = statistics.median(s["train"] for s in samples["none"]) if "none" in samples else None
@@ -80,7 +90,8 @@ def main() -> None:
         "",
         f"Median of {args.rounds} interleaved rounds of {args.epochs} epochs each; torch threads "
         f"{torch.get_num_threads()}; 1-minute load average {load_before[0]:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after (other work on the machine: compare ratios, not seconds).",
+        f"{os.getloadavg()[0]:.1f} after (other work on the machine: compare ratios, not seconds). "
+        f"Code: {code_version()}.",
         *([f"\n{args.note}"] if args.note else []),
         "",
         "| method | s/epoch (train) | × alone | s/epoch (+ validation) | × alone |",
