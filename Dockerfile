@@ -25,7 +25,9 @@ RUN useradd --create-home --uid 10001 --user-group rcekd \
     && mkdir -p /data \
     && chown rcekd:rcekd /data
 USER rcekd
-ENV RCEKD_HOME=/data
+# numba caches its compiled KD kernels beside the package, which this user cannot write: use /tmp
+ENV RCEKD_HOME=/data \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 
 EXPOSE 8000
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
