@@ -143,7 +143,7 @@ class DCD(Distiller):
         """UCD of each distinct user."""
         if not self.state:
             raise RuntimeError("on_epoch_start must run before loss")
-        return self._correction("user", users, student.score)
+        return self._correction("user", users, lambda rows, items: student_scores(student, rows, items))
 
     def item_loss(self, items: torch.Tensor, student: Recommender) -> torch.Tensor:
         """ICD of each distinct item: its users, scored by the student one (user, item) pair at a time."""
