@@ -144,11 +144,20 @@ def user_chunks(n_users: int, per_user: int, budget: int = 2**26) -> list[tuple[
 
 def rowwise_positions(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     """int64[b, k]: the column of ``values[r, j]`` in ``pool[r, :]`` (rows of distinct ids), or
-    ``pool.shape[1]`` where absent. A sort and a binary search: O(n log n) a row where the broadcast
-    compare of :func:`rowwise_isin` is O(k · n)."""
+    ``pool.shape[1]`` where absent. On CPU a compiled scratch-table lookup (:func:`kernels.list_positions`);
+    elsewhere a sort and a binary search — O(n log n) a row where the broadcast compare of
+    :func:`rowwise_isin` is O(k · n)."""
     n = pool.shape[1]
     if n == 0:
         return torch.zeros_like(values)
+    if values.device.type == "cpu":
+        return kernels.list_positions(values, pool)
+    return sorted_positions(values, pool)
+
+
+def sorted_positions(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """:func:`rowwise_positions` by a sort and a binary search (any device; rows of distinct ids)."""
+    n = pool.shape[1]
     sorted_pool, order = pool.sort(1)
     at = torch.searchsorted(sorted_pool, values).clamp_(max=n - 1)
     found = sorted_pool.gather(1, at) == values

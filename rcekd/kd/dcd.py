@@ -28,21 +28,23 @@ import scipy.sparse as sp
 import torch
 
 from rcekd.data import Dataset
-from rcekd.kd.base import Distiller, Teacher, rowwise_isin, student_scores, student_vectors, topk_items, user_chunks
+from rcekd.kd.base import (
+    Distiller,
+    Teacher,
+    gathered_scores,
+    rowwise_isin,
+    rowwise_positions,
+    student_scores,
+    student_vectors,
+    topk_items,
+    user_chunks,
+)
 from rcekd.kd.sampling import allowed_counts, gumbel_topk, listwise_loss
 from rcekd.models.base import Batch, Recommender
 
 MIN_WEIGHT = 1e-5
 #: tanh(x) rounds to 1 in float32 from x ≈ 9: ranks this many T's apart give the same weight as farther ones
 SATURATION = 10
-
-
-def positions_in(lists: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """int64[b, q]: where each query item sits in its row's ranked list (distinct items); len(list) if absent."""
-    ordered, order = lists.sort(1)
-    at = torch.searchsorted(ordered, queries.contiguous()).clamp(max=lists.shape[1] - 1)
-    found = ordered.gather(1, at) == queries
-    return torch.where(found, order.gather(1, at), torch.full_like(queries, lists.shape[1]))
 
 
 def correction_weights(rank_low: torch.Tensor, rank_high: torch.Tensor, T: float) -> torch.Tensor:
@@ -114,8 +116,8 @@ class DCD(Distiller):
         position = torch.arange(m, device=teacher_top.device)
         valid = position < spec["allowed"][start:stop].unsqueeze(1)
 
-        r_s_under = positions_in(student_deep, teacher_top)  # the student's rank of the teacher's items
-        r_t_over = positions_in(teacher_deep, student_top)  # the teacher's rank of the student's items
+        r_s_under = rowwise_positions(teacher_top, student_deep)  # the student's rank of the teacher's items
+        r_t_over = rowwise_positions(student_top, teacher_deep)  # the teacher's rank of the student's items
         w_under = correction_weights(r_s_under, position, self.T)
         w_over = correction_weights(r_t_over, position, self.T)
         under_pos = gumbel_topk(w_under.log().masked_fill(~valid, -torch.inf), n, self.generator).sort(1).values
@@ -146,11 +148,16 @@ class DCD(Distiller):
         return self._correction("user", users, lambda rows, items: student_scores(student, rows, items))
 
     def item_loss(self, items: torch.Tensor, student: Recommender) -> torch.Tensor:
-        """ICD of each distinct item: its users, scored by the student one (user, item) pair at a time."""
+        """ICD of each distinct item: the student's scores of its listed users."""
 
         def score_users(rows: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
-            pairs_items = rows.repeat_interleave(users.shape[1]).unsqueeze(1)
-            return student_scores(student, users.reshape(-1), pairs_items).reshape(users.shape)
+            if student.sparse_embeddings:  # keep its row-sparse gradients: one (user, item) pair at a time
+                pairs_items = rows.repeat_interleave(users.shape[1]).unsqueeze(1)
+                return student.score(users.reshape(-1), pairs_items).reshape(users.shape)
+            # the item plays the user's part: its vector against its listed users' vectors, so no
+            # b × w copy of user vectors is made (and scattered back) as pair-by-pair scoring would
+            all_users, all_items = student.all_vectors()
+            return gathered_scores(all_items[rows], all_users, users)
 
         return self._correction("item", items, score_users)
 

@@ -15,6 +15,7 @@ from rcekd.kd.base import (
     rowwise_isin,
     rowwise_positions,
     soft_cross_entropy,
+    sorted_positions,
     student_vectors,
     teacher_scores,
     topk_items,
@@ -81,14 +82,23 @@ def test_topk_keeps_excluded_items_last_when_too_few_remain(small_tiles: None) -
     assert set(got[0, :10].tolist()) == set(allowed.tolist())
 
 
-def test_rowwise_positions_match_brute_force() -> None:
+@pytest.mark.parametrize("find", [rowwise_positions, sorted_positions])
+def test_rowwise_positions_match_brute_force(find) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
     pool = torch.from_numpy(np.stack([rng.permutation(300)[:40] for _ in range(30)]))
     values = torch.from_numpy(np.stack([rng.permutation(300)[:25] for _ in range(30)]))
-    got = rowwise_positions(values, pool)
+    got = find(values, pool)
     for row in range(30):
         where = {item: col for col, item in enumerate(pool[row].tolist())}
         assert got[row].tolist() == [where.get(item, 40) for item in values[row].tolist()]
+
+
+def test_positions_kernel_keeps_the_first_column_of_a_repeated_id_and_refuses_negative_ids() -> None:
+    pool = torch.tensor([[4, 9, 4, 1], [2, 2, 2, 2]])
+    values = torch.tensor([[4, 1, 7], [2, 9, 0]])
+    assert rowwise_positions(values, pool).tolist() == [[0, 3, 4], [0, 4, 4]]
+    with pytest.raises(IndexError):
+        rowwise_positions(torch.tensor([[-1]]), pool[:1])
 
 
 @pytest.mark.parametrize("width", [1, 7])
