@@ -137,6 +137,26 @@ def significance(table: dict[str, Any], target: str = "rcekd") -> dict[str, Any]
     return {"against": best, "metric": "test/ndcg@20", "seeds": seeds, **paired_t_test(by_seed(target), by_seed(best))}
 
 
+def against_full(table: dict[str, Any], target: str = "rcekd") -> dict[str, dict[str, Any]]:
+    """Each variant of ``target`` (``target:...``) against the full method on their shared seeds:
+    mean test NDCG@20 difference and on how many seeds the variant was below."""
+    if target not in table:
+        return {}
+    full = dict(zip(table[target]["seeds"], table[target]["test/ndcg@20"]["values"], strict=True))
+    out = {}
+    for variant, row in table.items():
+        if not variant.startswith(f"{target}:"):
+            continue
+        pairs = [(v, full[s]) for s, v in zip(row["seeds"], row["test/ndcg@20"]["values"], strict=True) if s in full]
+        if pairs:
+            out[variant] = {
+                "seeds": len(pairs),
+                "mean_diff": statistics.fmean(v - f for v, f in pairs),
+                "below": sum(v < f for v, f in pairs),
+            }
+    return out
+
+
 def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
     import matplotlib
 
@@ -159,11 +179,14 @@ def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(name: str, table: dict[str, Any], test: dict[str, Any] | None, command: str, partial: bool = False) -> str:
+def markdown(
+    name: str, table: dict[str, Any], test: dict[str, Any] | None, command: str, partial: bool = False, note: str = ""
+) -> str:
     lines = [
         f"# KD quality: {name}",
         "",
         "Test split, mean ± std over seeds. Strict protocol; paper protocol NDCG@20 in its own column.",
+        *([note] if note else []),
         "",
         "| variant | seeds | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | NDCG@20 (paper) | s/epoch |",
         "|---|---|---|---|---|---|---|---|",
@@ -185,6 +208,12 @@ def markdown(name: str, table: dict[str, Any], test: dict[str, Any] | None, comm
             ]
         else:
             lines += ["", f"Paired t-test vs {test['against']}: {test['note']}."]
+    ablations = against_full(table)
+    if ablations:
+        lines += ["", "Variants of RCE-KD against full RCE-KD (test NDCG@20, same seeds):", ""]
+        lines += ["| variant | seeds | mean difference | seeds below full |", "|---|---|---|---|"]
+        for variant, row in ablations.items():
+            lines.append(f"| {variant} | {row['seeds']} | {row['mean_diff']:+.5f} | {row['below']} / {row['seeds']} |")
     lines += ["", f"Command: `{command}`", ""]
     if partial:
         lines += ["Partial: summarised with `--summarise-only` from the runs finished so far.", ""]
@@ -210,6 +239,7 @@ def main() -> None:
     parser.add_argument(
         "--summarise-only", action="store_true", help="no training: summarise the runs that have finished"
     )
+    parser.add_argument("--note", default="", help="a line for the markdown, e.g. which code made the runs")
     args = parser.parse_args()
 
     jobs = [
@@ -249,16 +279,16 @@ def main() -> None:
     command = "python -m benchmarks.quality " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
-        if k != "summarise_only"
+        if k not in ("summarise_only", "note")
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(runs, args.variants, RESULTS / f"quality_{args.name}.png")
     write_results(
         f"quality_{args.name}",
-        {"settings": vars(args), "table": table, "significance": test, "runs": runs},
-        markdown(args.name, table, test, command, args.summarise_only),
+        {"settings": vars(args), "table": table, "significance": test, "variants": against_full(table), "runs": runs},
+        markdown(args.name, table, test, command, args.summarise_only, args.note),
     )
-    print(markdown(args.name, table, test, command, args.summarise_only))
+    print(markdown(args.name, table, test, command, args.summarise_only, args.note))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.quality import parse_variant, significance, summarise
+from benchmarks.quality import against_full, parse_variant, significance, summarise
 
 
 def test_variants_parse_numbers_booleans_and_strings() -> None:
@@ -43,3 +43,14 @@ def test_no_significance_claim_when_the_target_is_worse() -> None:
     runs = [_run("rrd", s, 0.02 + 0.001 * s) for s in range(3)] + [_run("rcekd", s, 0.01) for s in range(3)]
     result = significance(summarise(runs, ["rrd", "rcekd"]))
     assert result is not None and result["p"] > 0.5
+
+
+def test_variants_are_compared_with_the_full_method_on_shared_seeds() -> None:
+    runs = [_run("rcekd", s, 0.019) for s in range(3)]
+    runs += [_run("rcekd:ablation=wo_s", s, 0.017) for s in range(3)]
+    runs += [_run("rcekd:gamma_mode=sampled", s, 0.018 + 0.002 * s) for s in range(2)]  # seeds 0, 1 only
+    table = summarise(runs, ["rcekd", "rcekd:ablation=wo_s", "rcekd:gamma_mode=sampled"])
+    result = against_full(table)
+    assert result["rcekd:ablation=wo_s"] == {"seeds": 3, "mean_diff": pytest.approx(-0.002), "below": 3}
+    assert result["rcekd:gamma_mode=sampled"]["seeds"] == 2
+    assert result["rcekd:gamma_mode=sampled"]["below"] == 1
