@@ -6,9 +6,10 @@ item gradient needs a sort of the b · w item ids each batch; both spent ~10 ms 
 what is ~6 M multiply-adds. These loops do it in one pass each, in cache, with no sort: the item
 gradient is a scatter-add, which a serial loop does without atomics.
 
-:func:`list_scores`, :func:`list_grads` and :func:`list_positions` are the only entry points: they check dtypes, shapes,
-contiguity and id ranges (numba does not bounds-check, so an id out of range would read or write
-outside the tables) and then call the kernels on NumPy views of the tensors' memory.
+:func:`list_scores`, :func:`list_grads` and :func:`list_positions` are the only entry points: they
+check devices, dtypes, shapes and id ranges (numba does not bounds-check, so an id out of range would
+read or write outside the tables), make the inputs contiguous, and call the kernels on NumPy views of
+the tensors' memory.
 """
 
 from __future__ import annotations
