@@ -30,7 +30,7 @@ import numpy as np
 
 from app.config import Settings
 from app.embedded import follow, start_processes, wait_ready
-from benchmarks.common import RESULTS, data_dir, write_results
+from benchmarks.common import RESULTS, code_version, data_dir, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "service-bench"
@@ -125,9 +125,8 @@ def run_one(name: str, seed: int, port: int, load_requests: int) -> dict[str, An
     if cli_process is not None and cli_process.wait() != 0:
         raise SystemExit(f"rcekd distill failed for {name}")
     cli_manifest = json.loads((cli_out / "manifest.json").read_text())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     return {"teacher": name, "seed": seed, "job_seconds": job_seconds, "compare": compare, "load": load,
-            "code": commit.strip(),
+            "code": code_version(),
             "cli_ndcg@20": cli_manifest["metrics"]["test"]["ndcg@20"]}  # fmt: skip
 
 

@@ -164,32 +164,12 @@ def sorted_positions(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     return torch.where(found, order.gather(1, at), n)
 
 
-class _GatheredScores(torch.autograd.Function):
-    """scores[r, j] = user_vecs[r] · item_vecs[items[r, j]] on CPU, by the compiled loops of
-    :mod:`rcekd.kd.kernels`: one pass forward, one pass back (the item gradient a scatter-add).
-
-    Through torch ops the same scores either gather b · w item rows into a fresh b × w × d tensor
-    (memory-bound both ways), or go through sparse kernels whose item gradient needs a sort of the
-    b · w item ids every batch; on a Gowalla batch both cost 2–3× the loops. Repeated columns in a
-    row are fine: each entry is scored, and contributes, on its own.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        user_vecs, item_vecs = user_vecs.detach().contiguous(), item_vecs.detach().contiguous()
-        ctx.save_for_backward(user_vecs, item_vecs, items)
-        return kernels.list_scores(user_vecs, item_vecs, items)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        user_vecs, item_vecs, items = ctx.saved_tensors
-        grad_users, grad_items = kernels.list_grads(user_vecs, item_vecs, items, grad.contiguous())
-        return grad_users, grad_items, None
-
-
 def gathered_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """float[b, w]: ``einsum("bd,bwd->bw", user_vecs, item_vecs[items])`` (same values up to rounding),
-    differentiable in both vector sets; on CPU through :class:`_GatheredScores`."""
+    differentiable in both vector sets. On CPU through the compiled loops of :mod:`rcekd.kd.kernels`
+    (one pass forward, one back, the item gradient a scatter-add): torch's gather writes a fresh
+    b × w × d tensor each way, and its sparse kernels sort the b · w item ids every batch; on a
+    Gowalla batch both cost 2–3× the loops."""
     compiled = (
         item_vecs.device.type == "cpu"
         and items.numel() > 0
@@ -199,7 +179,7 @@ def gathered_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: tor
     )
     if not compiled:  # CUDA (or odd dtypes): torch's own gather is the fast path there
         return torch.einsum("bd,bwd->bw", user_vecs, item_vecs[items])
-    return _GatheredScores.apply(user_vecs, item_vecs, items)
+    return kernels.ListScores.apply(user_vecs, item_vecs, items)
 
 
 def student_scores(student: Recommender, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

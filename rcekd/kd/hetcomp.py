@@ -245,7 +245,7 @@ class HetComp(Distiller):
         s = self.state
         n_pos, n_top = s["positives"].shape[1], s["targets"].shape[1]
         items = torch.cat([s["positives"][users], s["targets"][users], s["negatives"][users]], 1)
-        logits = student_scores(student, users, items)  # one call: LightGCN propagates once per score()
+        logits = student_scores(student, users, items)  # one call for all the lists
         pos, top, neg = logits[:, :n_pos], logits[:, n_pos : n_pos + n_top], logits[:, n_pos + n_top :]
         pos_valid, top_valid = s["positives_valid"][users], self.top_valid[users]
         neg = neg.masked_fill(~s["negatives_valid"][users], MASKED) + s["log_scale"][users].unsqueeze(1)

@@ -6,13 +6,16 @@ item gradient needs a sort of the b · w item ids each batch; both spent ~10 ms 
 what is ~6 M multiply-adds. These loops do it in one pass each, in cache, with no sort: the item
 gradient is a scatter-add, which a serial loop does without atomics.
 
-:func:`list_scores`, :func:`list_grads` and :func:`list_positions` are the only entry points: they
+:func:`list_scores` (and :class:`ListScores`, its autograd form), :func:`list_grads` and
+:func:`list_positions` are the only entry points: they
 check devices, dtypes, shapes and id ranges (numba does not bounds-check, so an id out of range would
 read or write outside the tables), make the inputs contiguous, and call the kernels on NumPy views of
 the tensors' memory.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numba
 import numpy as np
@@ -74,6 +77,8 @@ def _check(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor
         )
     if user_vecs.dim() != 2 or item_vecs.dim() != 2 or items.dim() != 2:
         raise ValueError("need user_vecs [b, d], item_vecs [n, d] and items [b, w]")
+    if user_vecs.shape[1] == 0:
+        raise ValueError("vectors need at least one dimension")
     if user_vecs.shape[1] != item_vecs.shape[1] or items.shape[0] != user_vecs.shape[0]:
         raise ValueError(f"shapes do not fit: {tuple(user_vecs.shape)}, {tuple(item_vecs.shape)}, {tuple(items.shape)}")
     if items.numel() and (int(items.min()) < 0 or int(items.max()) >= item_vecs.shape[0]):
@@ -123,6 +128,13 @@ def list_grads(
     _check(user_vecs, item_vecs, items)
     if grad.shape != items.shape:
         raise ValueError(f"grad {tuple(grad.shape)} must match items {tuple(items.shape)}")
+    return _grads(user_vecs, item_vecs, items, grad)
+
+
+def _grads(
+    user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`list_grads` on inputs already checked (by :func:`list_scores` in the forward pass)."""
     grad_users = torch.zeros_like(user_vecs, memory_format=torch.contiguous_format)
     grad_items = torch.zeros_like(item_vecs, memory_format=torch.contiguous_format)
     _grads_kernel(
@@ -134,3 +146,21 @@ def list_grads(
         grad_items.numpy(),
     )
     return grad_users, grad_items
+
+
+class ListScores(torch.autograd.Function):
+    """:func:`list_scores`, differentiable in both vector sets: the inputs are checked once, forward;
+    backward runs the gradient loop on the same (saved, contiguous) tensors."""
+
+    @staticmethod
+    def forward(ctx: Any, user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        user_vecs, item_vecs = user_vecs.detach().contiguous(), item_vecs.detach().contiguous()
+        scores = list_scores(user_vecs, item_vecs, items)
+        ctx.save_for_backward(user_vecs, item_vecs, items)
+        return scores
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        user_vecs, item_vecs, items = ctx.saved_tensors
+        grad_users, grad_items = _grads(user_vecs, item_vecs, items, grad.contiguous())
+        return grad_users, grad_items, None

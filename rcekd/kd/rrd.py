@@ -81,7 +81,7 @@ class RRD(Distiller):
             raise RuntimeError("on_epoch_start must run before loss")
         s = self.state
         items = torch.cat([s["interesting"][users], s["below"][users]], 1)
-        logits = student_scores(student, users, items)  # one call: LightGCN propagates once per score()
+        logits = student_scores(student, users, items)  # one call for all the lists
         return listwise_loss(
             logits[:, : self.K], logits[:, self.K :], s["interesting_valid"][users], s["below_valid"][users]
         )

@@ -60,5 +60,7 @@ def test_wrong_dtypes_and_shapes_are_refused() -> None:
         list_scores(user_vecs[:, :5], item_vecs, items)
     with pytest.raises(ValueError, match="do not fit"):
         list_scores(user_vecs[:4], item_vecs, items)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        list_scores(user_vecs[:, :0], item_vecs[:, :0], items)
     with pytest.raises(ValueError, match="must match"):
         list_grads(user_vecs, item_vecs, items, torch.zeros(3, 3))
