@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rcekd.data import Dataset
-from rcekd.kd.base import Distiller, Teacher, student_scores, student_vectors, teacher_scores, topk_items, user_chunks
+from rcekd.kd.base import Distiller, Teacher, student_scores, student_vectors, teacher_scores, user_chunks
 from rcekd.kd.sampling import allowed_counts, gumbel_topk
 from rcekd.models.base import Recommender
 
@@ -44,7 +44,7 @@ class CD(Distiller):
 
     def on_epoch_start(self, student: Recommender, epoch: int) -> None:
         user_vecs, item_vecs = student_vectors(student)
-        candidates = topk_items(user_vecs, item_vecs, self.mxK, exclude=self.train_csr)
+        candidates = self.rank_student("top", user_vecs, item_vecs, self.mxK, exclude=self.train_csr)
         parts: dict[str, list[torch.Tensor]] = {}
         # teacher.score materialises n_samples × d floats a user
         per_user = max(self.mxK, self.n_samples * self.teacher.user_vecs.shape[1])

@@ -100,7 +100,8 @@ class DCD(Distiller):
     def _side(self, side: str, query: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sampled under-/over-estimated lists of every query row (user, or item for ICD)."""
         spec = self.sides[side]
-        student_top = topk_items(query, targets, self.depth, spec["exclude"]).to(spec["teacher_top"].device)
+        student_top = self.rank_student(side, query, targets, self.depth, spec["exclude"])
+        student_top = student_top.to(spec["teacher_top"].device)
         parts: dict[str, list[torch.Tensor]] = {}
         for start, stop in user_chunks(student_top.shape[0], 4 * self.depth):
             planned = self._plan(spec, start, stop, student_top[start:stop])

@@ -45,7 +45,6 @@ from rcekd.kd.base import (
     student_scores,
     student_vectors,
     teacher_scores,
-    topk_items,
     user_chunks,
 )
 from rcekd.kd.sampling import MASKED, allowed_counts, listwise_loss, pair_keys, sample_excluding
@@ -210,7 +209,8 @@ class HetComp(Distiller):
     def _advance(self, student: Recommender, done: int) -> None:
         """One dynamic-knowledge-construction check: who moves one checkpoint on (vectorised)."""
         user_vecs, item_vecs = student_vectors(student)
-        student_top = topk_items(user_vecs, item_vecs, self.top_k, exclude=self.train_csr).to(self.stage.device)
+        student_top = self.rank_student("top", user_vecs, item_vecs, self.top_k, exclude=self.train_csr)
+        student_top = student_top.to(self.stage.device)
         users = torch.arange(self.stage.shape[0], device=self.stage.device)
         following = self.checkpoint_tops[(self.stage + 1).clamp(max=self.last), users]
         now = overlap_discrepancy(student_top, following)

@@ -6,8 +6,8 @@ item gradient needs a sort of the b · w item ids each batch; both spent ~10 ms 
 what is ~6 M multiply-adds. These loops do it in one pass each, in cache, with no sort: the item
 gradient is a scatter-add, which a serial loop does without atomics.
 
-:func:`list_scores` (and :class:`ListScores`, its autograd form), :func:`list_grads` and
-:func:`list_positions` are the only entry points: they
+:func:`list_scores` (and :class:`ListScores`, its autograd form), :func:`list_grads`,
+:func:`list_positions` and :func:`row_topk` are the only entry points: they
 check devices, dtypes, shapes and id ranges (numba does not bounds-check, so an id out of range would
 read or write outside the tables), make the inputs contiguous, and call the kernels on NumPy views of
 the tensors' memory.
@@ -15,6 +15,7 @@ the tensors' memory.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import numba
@@ -65,6 +66,127 @@ def _positions_kernel(values, pool, n_ids, out):  # type: ignore[no-untyped-def]
             out[r, j] = where[values[r, j]]
         for j in range(width):
             where[pool[r, j]] = width
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _list_ce_kernel(  # type: ignore[no-untyped-def]
+    user_vecs, item_vecs, items, targets, valid, bounds, weights, scale, grad_users, grad_items
+):
+    n_rows, width = items.shape
+    dim = user_vecs.shape[1]
+    scores = np.empty(width, dtype=user_vecs.dtype)
+    coef = np.empty(width, dtype=user_vecs.dtype)
+    total = 0.0
+    for r in range(n_rows):
+        for j in range(width):
+            item = items[r, j]
+            acc = user_vecs[r, 0] * 0
+            for k in range(dim):
+                acc += user_vecs[r, k] * item_vecs[item, k]
+            scores[j] = acc * scale
+        for q in range(bounds.shape[0] - 1):  # one soft cross-entropy a segment of the list
+            lo, hi = bounds[q], bounds[q + 1]
+            top = -np.inf
+            for j in range(lo, hi):
+                coef[j] = 0
+                if valid[r, j]:
+                    top = max(top, scores[j])
+            if top == -np.inf:  # no valid entry: no term
+                continue
+            sum_exp = 0.0
+            mass = 0.0
+            dot = 0.0
+            for j in range(lo, hi):
+                if valid[r, j]:
+                    sum_exp += np.exp(scores[j] - top)
+                    mass += targets[r, j]
+                    dot += targets[r, j] * scores[j]
+            log_norm = top + np.log(sum_exp)
+            weight = weights[r, q]
+            total += weight * (mass * log_norm - dot)  # −Σ t_j log softmax(s)_j
+            for j in range(lo, hi):
+                if valid[r, j]:  # d/ds_j = mass · softmax_j − t_j, times the chain's scale
+                    coef[j] = weight * scale * (mass * np.exp(scores[j] - log_norm) - targets[r, j])
+        for j in range(width):
+            g = coef[j]
+            if g != 0:
+                item = items[r, j]
+                for k in range(dim):
+                    grad_users[r, k] += g * item_vecs[item, k]
+                    grad_items[item, k] += g * user_vecs[r, k]
+    return total
+
+
+#: :func:`row_topk` reduces each row to the maxima of groups of this many scores
+TOPK_GROUP = 16
+
+
+@numba.njit(cache=True, nogil=True)
+def _kth_largest(values, k, scratch):  # type: ignore[no-untyped-def]
+    """The k-th largest of ``values`` (k ≥ 1), by quickselect on ``scratch`` (np.partition allocates,
+    and is ~8× slower on a row's 2.6k group maxima)."""
+    n = values.shape[0]
+    scratch[:n] = values
+    lo, hi, want = 0, n - 1, k - 1  # want: the index in descending order
+    while lo < hi:
+        a, b, c = scratch[lo], scratch[(lo + hi) // 2], scratch[hi]
+        pivot = max(min(a, b), min(max(a, b), c))  # median of three
+        i, j = lo, hi
+        while i <= j:
+            while scratch[i] > pivot:
+                i += 1
+            while scratch[j] < pivot:
+                j -= 1
+            if i <= j:
+                scratch[i], scratch[j] = scratch[j], scratch[i]
+                i += 1
+                j -= 1
+        if want <= j:
+            hi = j
+        elif want >= i:
+            lo = i
+        else:
+            return scratch[want]
+    return scratch[want]
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+def _row_topk_kernel(scores, hint, k, out):  # type: ignore[no-untyped-def]
+    n_rows, n = scores.shape
+    n_groups = (n + TOPK_GROUP - 1) // TOPK_GROUP  # group g: columns g, g + n_groups, g + 2 · n_groups, …
+    maxima = np.empty(n_groups, dtype=scores.dtype)
+    ids = np.empty(n, dtype=np.int64)  # usually < k · TOPK_GROUP are kept; ties or −∞ rows keep more
+    negated = np.empty(n, dtype=scores.dtype)
+    for r in range(n_rows):
+        row = scores[r]
+        maxima[:] = row[:n_groups]
+        for t in range(1, TOPK_GROUP):  # strided groups: an element-wise max of contiguous slices, vectorised
+            lo = t * n_groups
+            for g in range(min(n_groups, n - lo)):
+                maxima[g] = max(maxima[g], row[lo + g])
+        # θ with k scores at or above it bounds the k-th best score from below, so every top-k item
+        # scores ≥ θ: the hint's lowest score (its ≥ k items reach it), or the k-th best group maximum
+        theta = -np.inf
+        if hint.shape[1] >= k:
+            theta = np.inf
+            for j in range(hint.shape[1]):
+                theta = min(theta, row[hint[r, j]])
+        above = 0
+        for g in range(n_groups):
+            above += maxima[g] >= theta
+        if above > 4 * k and k <= n_groups:  # no hint, or a loose one (early epochs): tighten θ
+            theta = max(theta, _kth_largest(maxima, k, negated))
+        count = 0
+        for g in range(n_groups):
+            if maxima[g] >= theta:
+                for i in range(g, n, n_groups):
+                    if row[i] >= theta:
+                        ids[count] = i
+                        negated[count] = -row[i]
+                        count += 1
+        order = np.argsort(negated[:count])  # deterministic: ties in a fixed order
+        for j in range(k):
+            out[r, j] = ids[order[j]]
 
 
 def _check(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> None:
@@ -121,6 +243,31 @@ def list_positions(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def row_topk(scores: torch.Tensor, k: int, out: torch.Tensor, hint: torch.Tensor | None = None) -> None:
+    """Fill ``out[r]`` (int64[b, k]) with the k best columns of ``scores[r]``, best first (ties in a
+    fixed order): exact, like ``scores.topk(k)``, without ranking the whole row.
+
+    One vectorised pass takes the maxima of groups of :data:`TOPK_GROUP` scores; the k-th best
+    maximum θ has k scores at or above it, so only the scores ≥ θ (in at most k groups, plus ties)
+    are sorted. ``hint[r]`` (optional, ≥ k columns, e.g. last epoch's top list) may raise θ to its
+    own lowest score: a student's list moves little in an epoch, so that leaves a few hundred."""
+    if scores.device.type != "cpu" or out.device.type != "cpu" or (hint is not None and hint.device.type != "cpu"):
+        raise ValueError("list kernels run on CPU tensors")
+    hint = torch.zeros(scores.shape[0], 0, dtype=torch.int64) if hint is None else hint
+    if scores.dtype not in FLOATS or hint.dtype != torch.int64 or out.dtype != torch.int64:
+        raise TypeError("need float scores, int64 hint and int64 out")
+    if scores.dim() != 2 or hint.dim() != 2 or hint.shape[0] != scores.shape[0] or out.shape != (scores.shape[0], k):
+        raise ValueError(f"shapes do not fit: {tuple(scores.shape)}, {tuple(hint.shape)}, {tuple(out.shape)}, k={k}")
+    if not 0 < k <= scores.shape[1]:
+        raise ValueError(f"need 0 < k ≤ columns (k={k})")
+    if hint.numel() and (int(hint.min()) < 0 or int(hint.max()) >= scores.shape[1]):
+        raise IndexError(f"hint columns must lie in [0, {scores.shape[1]})")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if scores.shape[0]:
+        _row_topk_kernel(_numpy(scores), _numpy(hint), k, out.numpy())
+
+
 def list_grads(
     user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +293,62 @@ def _grads(
         grad_items.numpy(),
     )
     return grad_users, grad_items
+
+
+class ListCrossEntropy(torch.autograd.Function):
+    """Σ_r Σ_q weights[r, q] · CE(targets[r, segment q], softmax(scale · scores[r, segment q])) over
+    the valid entries, with ``scores[r, j] = user_vecs[r] · item_vecs[items[r, j]]``: a KD term of
+    soft cross-entropies on each user's list, in one compiled pass.
+
+    The forward pass also computes both gradients, while each item row is in cache for its score
+    (the backward pass of :class:`ListScores` gathers every row again); backward only scales them.
+    ``targets`` are the fixed teacher side (rows summing to 1 per segment, or 0), ``valid`` a bool
+    mask (rows or segments without a valid entry add nothing), ``bounds`` the segments' column
+    limits ``[0, ..., width]``, ``weights`` float[b, segments] (each user's γ, λ and row count).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        user_vecs: torch.Tensor,
+        item_vecs: torch.Tensor,
+        items: torch.Tensor,
+        targets: torch.Tensor,
+        valid: torch.Tensor,
+        bounds: tuple[int, ...],
+        weights: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        user_vecs, item_vecs = user_vecs.detach().contiguous(), item_vecs.detach().contiguous()
+        _check(user_vecs, item_vecs, items)
+        width = items.shape[1]
+        if targets.shape != items.shape or valid.shape != items.shape or valid.dtype != torch.bool:
+            raise ValueError(f"targets and a bool valid mask must match items {tuple(items.shape)}")
+        if bounds[0] != 0 or bounds[-1] != width or any(b > c for b, c in pairwise(bounds)):
+            raise ValueError(f"segment bounds must rise from 0 to {width}, got {bounds}")
+        if weights.shape != (items.shape[0], len(bounds) - 1):
+            raise ValueError(f"weights must be [{items.shape[0]}, {len(bounds) - 1}], got {tuple(weights.shape)}")
+        grad_users = torch.zeros_like(user_vecs)
+        grad_items = torch.zeros_like(item_vecs)
+        total = _list_ce_kernel(
+            _numpy(user_vecs),
+            _numpy(item_vecs),
+            _numpy(items),
+            _numpy(targets.to(user_vecs.dtype)),
+            _numpy(valid),
+            np.asarray(bounds, dtype=np.int64),
+            _numpy(weights.to(user_vecs.dtype)),
+            float(scale),
+            grad_users.numpy(),
+            grad_items.numpy(),
+        )
+        ctx.save_for_backward(grad_users, grad_items)
+        return torch.tensor(total, dtype=user_vecs.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        grad_users, grad_items = ctx.saved_tensors
+        return grad_users * grad, grad_items * grad, None, None, None, None, None, None
 
 
 class ListScores(torch.autograd.Function):

@@ -22,15 +22,16 @@ from rcekd.data import Dataset
 from rcekd.kd.base import (
     Distiller,
     Teacher,
+    fused_list_loss_available,
+    list_cross_entropy,
     rowwise_positions,
     student_scores,
     student_vectors,
     teacher_scores,
-    topk_items,
     user_chunks,
 )
 from rcekd.kd.sampling import MASKED, gumbel_topk
-from rcekd.models.base import Recommender
+from rcekd.models.base import Batch, Recommender
 
 GAMMA_MODES = ("paper", "sampled")
 ABLATIONS = ("none", "wo_sep", "wo_s", "wo_sampling", "const_gamma")
@@ -128,7 +129,7 @@ class RCEKD(Distiller):
     # -------------------------------------------------------------------------------- per epoch
     def on_epoch_start(self, student: Recommender, epoch: int) -> None:
         user_vecs, item_vecs = student_vectors(student)
-        candidates = topk_items(user_vecs, item_vecs, self.mxK)  # C, training items included
+        candidates = self.rank_student("C", user_vecs, item_vecs, self.mxK)  # C, training items included
         parts: dict[str, list[torch.Tensor]] = {}
         for start, stop in user_chunks(candidates.shape[0], self.mxK * self.K):
             for name, value in self._plan(start, stop, candidates[start:stop]).items():
@@ -137,6 +138,9 @@ class RCEKD(Distiller):
         if "items" in state:  # the sets as views of the one list a user: Q_S | A_u = sampled | Q_T
             state["student_top"] = state["items"][:, : self.K]
             state["a_items"] = state["items"][:, self.K :]
+            # the fused kernel's view: one list, one target row, one mask, segments Q_S and A_u
+            state["targets"] = torch.cat([state["p_student_top"], state["p_a"]], 1)
+            state["valid"] = torch.cat([torch.ones_like(state["student_top"], dtype=torch.bool), state["a_valid"]], 1)
         self.state = state
 
     def _plan(self, start: int, stop: int, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,6 +205,32 @@ class RCEKD(Distiller):
         l2 = _cross_entropy(rows("p_a"), logits[:, self.K :], rows("a_valid"))
         gamma = rows("gamma")
         return (1 - gamma) * l1 + gamma * l2
+
+    def loss(self, batch: Batch, student: Recommender) -> torch.Tensor:
+        """The KD term of a batch; for CPU students in one compiled pass (:func:`list_cross_entropy`),
+        which computes the same sum as :meth:`user_loss` (up to rounding) without its torch ops."""
+        if not fused_list_loss_available(student):
+            return super().loss(batch, student)
+        if not self.state:
+            raise RuntimeError("on_epoch_start must run before loss")
+        users, counts = torch.unique(student.batch_users(batch), return_counts=True)
+        weights = self.weight * counts.to(self.teacher_top_logits.dtype).unsqueeze(1)
+
+        def rows(name: str) -> torch.Tensor:
+            return self.state[name].index_select(0, users)
+
+        if self.ablation == "wo_sep":
+            items, targets, valid = rows("union_items"), rows("p_union"), rows("union_valid")
+            bounds: tuple[int, ...] = (0, items.shape[1])
+        elif self.ablation == "wo_s":
+            items, targets = rows("student_top"), rows("p_student_top")
+            valid, bounds = torch.ones_like(items, dtype=torch.bool), (0, self.K)
+        else:
+            items, targets, valid = rows("items"), rows("targets"), rows("valid")
+            bounds = (0, self.K, items.shape[1])
+            gamma = rows("gamma").unsqueeze(1)
+            weights = weights * torch.cat([1 - gamma, gamma], 1)
+        return list_cross_entropy(student, users, items, targets, valid, bounds, weights, 1.0 / self.tau)
 
     def diagnostics(self) -> dict[str, Any]:
         """Mean γ and |A_u| this epoch: how far the student's top list is from the teacher's."""

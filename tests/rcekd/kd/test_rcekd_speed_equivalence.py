@@ -9,8 +9,9 @@ import torch
 
 import rcekd.kd.base as base
 from rcekd.data import Dataset
-from rcekd.kd import Teacher
+from rcekd.kd import Teacher, kernels
 from rcekd.kd.base import (
+    Distiller,
     gathered_scores,
     rowwise_isin,
     rowwise_positions,
@@ -39,40 +40,33 @@ def assert_same_ranking(got: torch.Tensor, expected: torch.Tensor, scores: torch
     assert got.shape == expected.shape
     assert all(len(set(row.tolist())) == got.shape[1] for row in got)  # no item twice
     torch.testing.assert_close(scores.gather(1, got), scores.gather(1, expected), rtol=0, atol=1e-5)
-    assert (got == expected).float().mean() > 0.99  # random scores: ties are rare
-
-
-@pytest.fixture
-def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiles of 4 × 16 items and chunks of 5 users, so small catalogues take the tiled path."""
-    monkeypatch.setattr(base, "TOPK_USERS", 5)
-    monkeypatch.setattr(base, "TOPK_GROUP", 4)
-    monkeypatch.setattr(base, "TOPK_TILE_GROUPS", 16)
+    finite = scores.gather(1, expected).isfinite()  # excluded items (−∞) tie with each other
+    assert (got == expected)[finite].float().mean() > 0.99  # random scores: other ties are rare
 
 
 @pytest.mark.parametrize("with_exclude", [False, True])
-@pytest.mark.parametrize("k", [3, 20, 60])  # 3 and 20 use the supergroup level, 60 does not
-def test_tiled_topk_equals_matmul_topk(small_tiles: None, with_exclude: bool, k: int) -> None:
+@pytest.mark.parametrize("k", [1, 3, 20, 60, 1000])  # 1000: every item, −∞ ones included
+def test_compiled_topk_equals_matmul_topk(with_exclude: bool, k: int) -> None:
     torch.manual_seed(k)
-    user_vecs, item_vecs = torch.randn(23, 6), torch.randn(1000, 6)  # 15 full tiles and 40 items after them
+    user_vecs, item_vecs = torch.randn(23, 6), torch.randn(1000, 6)  # 1000 = 62 groups of 16 and 8 more
     exclude = sp.random(23, 1000, density=0.05, format="csr", random_state=k) if with_exclude else None
     expected, scores = reference_topk(user_vecs, item_vecs, k, exclude)
     got = topk_items(user_vecs, item_vecs, k, exclude)
     assert_same_ranking(got, expected, scores)
-    if exclude is not None:
+    if exclude is not None and k < 900:
         assert not exclude.toarray()[np.arange(23)[:, None], got.numpy()].any()
 
 
-def test_tiled_topk_on_a_gowalla_sized_catalogue() -> None:
-    """The default tiles (the path Gowalla's 41k items take), student- and teacher-sized vectors."""
+def test_compiled_topk_on_a_gowalla_sized_catalogue() -> None:
+    """Gowalla's 41k items, student- and teacher-sized vectors, float32 and float64."""
     torch.manual_seed(0)
-    for dim, k in [(20, 200), (300, 50)]:
-        user_vecs, item_vecs = torch.randn(70, dim), torch.randn(40_981, dim)
+    for dim, k, dtype in [(20, 200, torch.float32), (300, 50, torch.float32), (20, 100, torch.float64)]:
+        user_vecs, item_vecs = torch.randn(40, dim, dtype=dtype), torch.randn(40_981, dim, dtype=dtype)
         expected, scores = reference_topk(user_vecs, item_vecs, k)
         assert_same_ranking(topk_items(user_vecs, item_vecs, k), expected, scores)
 
 
-def test_topk_keeps_excluded_items_last_when_too_few_remain(small_tiles: None) -> None:
+def test_topk_keeps_excluded_items_last_when_too_few_remain() -> None:
     torch.manual_seed(0)
     user_vecs, item_vecs = torch.randn(4, 3), torch.randn(200, 3)
     allowed = np.arange(10)  # user 0 may only rank 10 items
@@ -80,6 +74,71 @@ def test_topk_keeps_excluded_items_last_when_too_few_remain(small_tiles: None) -
     exclude[0, np.setdiff1d(np.arange(200), allowed)] = 1
     got = topk_items(user_vecs, item_vecs, 12, exclude.tocsr())
     assert set(got[0, :10].tolist()) == set(allowed.tolist())
+
+
+def test_topk_ties_come_out_in_a_fixed_order() -> None:
+    """Equal scores (e.g. a model at its initial zeros) rank the same way run after run."""
+    user_vecs, item_vecs = torch.ones(3, 4), torch.ones(500, 4)
+    first = topk_items(user_vecs, item_vecs, 50)
+    assert len(set(first[0].tolist())) == 50
+    assert torch.equal(first, topk_items(user_vecs, item_vecs, 50))
+
+
+@pytest.mark.parametrize("with_exclude", [False, True])
+@pytest.mark.parametrize("hint_from", ["last_epoch", "random", "repeats"])
+def test_hinted_topk_equals_matmul_topk(with_exclude: bool, hint_from: str) -> None:
+    """Any hint gives the exact ranking: a close one (last epoch's), a loose one (random items: the
+    group maxima tighten it) and one of repeated ids (fewer than k: no help, no harm)."""
+    torch.manual_seed(1)
+    user_vecs, item_vecs, k = torch.randn(40, 8), torch.randn(6000, 8), 30
+    exclude = sp.random(40, 6000, density=0.05, format="csr", random_state=2) if with_exclude else None
+    if hint_from == "last_epoch":
+        hint = topk_items(user_vecs + 0.05 * torch.randn(40, 8), item_vecs, 50, exclude)
+    elif hint_from == "random":
+        hint = torch.stack([torch.randperm(6000)[:k] for _ in range(40)])
+    else:
+        hint = torch.zeros(40, k, dtype=torch.int64)
+    expected, scores = reference_topk(user_vecs, item_vecs, k, exclude)
+    got = topk_items(user_vecs, item_vecs, k, exclude, hint=hint)
+    assert_same_ranking(got, expected, scores)
+
+
+def test_row_topk_checks_its_inputs() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.4, 0.2, 0.6, 0.8]])
+    out = torch.full((2, 2), -1, dtype=torch.int64)
+    kernels.row_topk(scores, 2, out, torch.tensor([[2, 3], [2, 3]]))
+    assert out.tolist() == [[1, 2], [3, 2]]
+    with pytest.raises(IndexError):
+        kernels.row_topk(scores, 2, out, torch.tensor([[0, 4], [0, 1]]))
+    with pytest.raises(ValueError):
+        kernels.row_topk(scores, 5, torch.empty(2, 5, dtype=torch.int64))  # k over the columns
+    with pytest.raises(TypeError):
+        kernels.row_topk(scores, 2, out, torch.tensor([[0, 1], [0, 1]], dtype=torch.int32))
+    with pytest.raises(ValueError):
+        kernels.row_topk(scores, 2, torch.empty(2, 4, dtype=torch.int64)[:, :2])  # not contiguous
+
+
+def test_distillers_hint_each_epoch_with_the_last_ranking(
+    monkeypatch: pytest.MonkeyPatch, tiny_dataset: Dataset
+) -> None:
+    """RCE-KD ranks the student once per epoch, from the second epoch on with last epoch's list."""
+    calls: list[torch.Tensor | None] = []
+    plain = base.topk_items
+
+    def spy(*args, hint=None, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(hint)
+        return plain(*args, hint=hint, **kwargs)
+
+    dataset = tiny_dataset
+    teacher = Teacher(MF(dataset.n_users, dataset.n_items, dim=16, init_std=0.5))
+    distiller = RCEKD(teacher, dataset, K=5, L=5, mxK=20)
+    monkeypatch.setattr(base, "topk_items", spy)
+    student = MF(dataset.n_users, dataset.n_items, dim=8)
+    distiller.on_epoch_start(student, 1)
+    first = distiller.state["items"].clone()
+    distiller.on_epoch_start(student, 2)
+    assert calls[0] is None and calls[1] is not None and calls[1].shape == (dataset.n_users, 20)
+    torch.testing.assert_close(distiller.state["items"][:, :5], first[:, :5])  # same student: same Q_S
 
 
 @pytest.mark.parametrize("find", [rowwise_positions, sorted_positions])
@@ -198,3 +257,26 @@ def test_rcekd_sets_loss_and_gradients_match_the_plain_algorithm(
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     for fast, plain in zip(*grads, strict=True):
         torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ablation", ["none", "wo_sep", "wo_s", "wo_sampling", "const_gamma"])
+def test_fused_rcekd_loss_equals_its_per_user_terms(tiny_dataset: Dataset, ablation: str) -> None:
+    """The compiled path (:meth:`RCEKD.loss`) and the torch one (the base class's sum of
+    :meth:`RCEKD.user_loss`): same value and same gradients, for every ablation."""
+    torch.manual_seed(1)
+    teacher = Teacher(MF(tiny_dataset.n_users, tiny_dataset.n_items, dim=16, init_std=0.5))
+    student = MF(tiny_dataset.n_users, tiny_dataset.n_items, dim=8, init_std=0.3)
+    distiller = RCEKD(teacher, tiny_dataset, weight=5.0, K=8, L=10, mxK=25, tau=1.5, ablation=ablation)
+    distiller.on_epoch_start(student, 1)
+    batch = next(student.batches(tiny_dataset.train, 64, np.random.default_rng(1)))
+    results = []
+    for compute in (distiller.loss, lambda b, s: Distiller.loss(distiller, b, s)):
+        student.zero_grad(set_to_none=True)
+        loss = compute(batch, student)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    (fused, fused_grads), (plain, plain_grads) = results
+    assert plain > 0
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
