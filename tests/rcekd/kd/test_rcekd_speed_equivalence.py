@@ -21,6 +21,7 @@ from rcekd.kd.base import (
     teacher_scores,
     topk_items,
 )
+from rcekd.kd.ce import VanillaCE
 from rcekd.kd.rcekd import RCEKD, Z_CAP
 from rcekd.kd.sampling import gumbel_topk
 from rcekd.models import MF
@@ -259,14 +260,17 @@ def test_rcekd_sets_loss_and_gradients_match_the_plain_algorithm(
         torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("ablation", ["none", "wo_sep", "wo_s", "wo_sampling", "const_gamma"])
-def test_fused_rcekd_loss_equals_its_per_user_terms(tiny_dataset: Dataset, ablation: str) -> None:
-    """The compiled path (:meth:`RCEKD.loss`) and the torch one (the base class's sum of
-    :meth:`RCEKD.user_loss`): same value and same gradients, for every ablation."""
+@pytest.mark.parametrize("ablation", ["none", "wo_sep", "wo_s", "wo_sampling", "const_gamma", "vanilla_ce"])
+def test_fused_loss_equals_its_per_user_terms(tiny_dataset: Dataset, ablation: str) -> None:
+    """The compiled path (RCE-KD's and vanilla CE's ``loss``) and the torch one (the base class's sum
+    of ``user_loss``): same value and same gradients, for every RCE-KD ablation and for CE."""
     torch.manual_seed(1)
     teacher = Teacher(MF(tiny_dataset.n_users, tiny_dataset.n_items, dim=16, init_std=0.5))
     student = MF(tiny_dataset.n_users, tiny_dataset.n_items, dim=8, init_std=0.3)
-    distiller = RCEKD(teacher, tiny_dataset, weight=5.0, K=8, L=10, mxK=25, tau=1.5, ablation=ablation)
+    if ablation == "vanilla_ce":
+        distiller: Distiller = VanillaCE(teacher, tiny_dataset, weight=5.0, K=8, tau=1.5)
+    else:
+        distiller = RCEKD(teacher, tiny_dataset, weight=5.0, K=8, L=10, mxK=25, tau=1.5, ablation=ablation)
     distiller.on_epoch_start(student, 1)
     batch = next(student.batches(tiny_dataset.train, 64, np.random.default_rng(1)))
     results = []
