@@ -182,8 +182,11 @@ def _row_topk_kernel(scores, hint, k, out):  # type: ignore[no-untyped-def]
         above = 0
         for g in range(n_groups):
             above += maxima[g] >= theta
-        if above > 4 * k and k <= n_groups:  # no hint, or a loose one (early epochs): tighten θ
-            theta = max(theta, _kth_largest(maxima, k, negated))
+        if hint.shape[1] < k or above > 2 * k:  # no hint, or a loose one: tighten θ
+            if k <= n_groups:
+                theta = max(theta, _kth_largest(maxima, k, negated))
+            else:  # fewer groups than k (a short row or a deep list): the k-th score itself
+                theta = max(theta, _kth_largest(row, k, negated))
         count = 0
         for g in range(n_groups):
             if maxima[g] >= theta:
