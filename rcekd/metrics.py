@@ -17,6 +17,7 @@ import torch
 from scipy import stats
 
 from rcekd.data import Dataset
+from rcekd.kd import kernels
 
 PROTOCOLS = ("strict", "paper")
 #: scores held per chunk (float32): 2**25 → 128 MiB, a good trade-off of speed and memory
@@ -78,7 +79,7 @@ def ranking_metrics(
             raise ValueError(f"score_fn returned {tuple(scores.shape)}, expected ({len(users_np)}, n_items)")
         rows, cols = _csr_rows_to_coords(mask, users_np)
         scores[rows.to(device), cols.to(device)] = -torch.inf
-        top = scores.topk(max_k, dim=1).indices.cpu()
+        top = _top_columns(scores, max_k)
 
         t_rows, t_cols = _csr_rows_to_coords(truth, users_np)
         relevant = torch.zeros(len(users_np), dataset.n_items, dtype=torch.bool)
@@ -96,6 +97,17 @@ def ranking_metrics(
     if per_user:
         return {**merged, "users": evaluated}
     return {name: float(values.mean()) if len(values) else 0.0 for name, values in merged.items()}
+
+
+def _top_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """int64[b, k] on CPU: each row's k best columns, best first. CPU floats go through the compiled
+    :func:`rcekd.kd.kernels.row_topk` (exact; on Gowalla ~3× faster than torch's top-k, which copies
+    every row into (value, index) pairs); other devices use torch."""
+    if scores.device.type == "cpu" and scores.dtype in kernels.FLOATS:
+        top = torch.empty(scores.shape[0], k, dtype=torch.int64)
+        kernels.row_topk(scores.contiguous(), k, top)
+        return top
+    return scores.topk(k, dim=1).indices.cpu()
 
 
 def evaluate_model(
