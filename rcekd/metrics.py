@@ -101,7 +101,7 @@ def ranking_metrics(
 
 def _top_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
     """int64[b, k] on CPU: each row's k best columns, best first. CPU floats go through the compiled
-    :func:`rcekd.kd.kernels.row_topk` (exact; on Gowalla ~3× faster than torch's top-k, which copies
+    :func:`rcekd.kd.kernels.row_topk` (exact; torch's top-k copies
     every row into (value, index) pairs); other devices use torch."""
     if scores.device.type == "cpu" and scores.dtype in kernels.FLOATS:
         top = torch.empty(scores.shape[0], k, dtype=torch.int64)

@@ -310,3 +310,9 @@ class Distiller(ABC):
     def loss(self, batch: Batch, student: Recommender) -> torch.Tensor:
         users, counts = torch.unique(student.batch_users(batch), return_counts=True)
         return self.weight * (self.user_loss(users, student) * counts).sum()
+
+    def batch_user_weights(self, batch: Batch, student: Recommender) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the batch's distinct users, float[b, 1] = λ × each one's row count): the per-row
+        reduction of :meth:`loss`, for methods that sum their term in one fused pass."""
+        users, counts = torch.unique(student.batch_users(batch), return_counts=True)
+        return users, (self.weight * counts.to(self.teacher.item_vecs.dtype)).unsqueeze(1)

@@ -46,9 +46,8 @@ class VanillaCE(Distiller):
         base class's over :meth:`user_loss` (up to rounding)."""
         if not fused_list_loss_available(student):
             return super().loss(batch, student)
-        users, counts = torch.unique(student.batch_users(batch), return_counts=True)
+        users, weights = self.batch_user_weights(batch, student)
         items = self.teacher_top.index_select(0, users)
-        weights = (self.weight * counts.to(self.targets.dtype)).unsqueeze(1)
         valid = torch.ones_like(items, dtype=torch.bool)
         targets = self.targets.index_select(0, users)
         return list_cross_entropy(student, users, items, targets, valid, (0, items.shape[1]), weights, 1.0 / self.tau)

@@ -213,8 +213,7 @@ class RCEKD(Distiller):
             return super().loss(batch, student)
         if not self.state:
             raise RuntimeError("on_epoch_start must run before loss")
-        users, counts = torch.unique(student.batch_users(batch), return_counts=True)
-        weights = self.weight * counts.to(self.teacher_top_logits.dtype).unsqueeze(1)
+        users, weights = self.batch_user_weights(batch, student)
 
         def rows(name: str) -> torch.Tensor:
             return self.state[name].index_select(0, users)
