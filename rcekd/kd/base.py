@@ -315,4 +315,4 @@ class Distiller(ABC):
         """(the batch's distinct users, float[b, 1] = λ × each one's row count): the per-row
         reduction of :meth:`loss`, for methods that sum their term in one fused pass."""
         users, counts = torch.unique(student.batch_users(batch), return_counts=True)
-        return users, (self.weight * counts.to(self.teacher.item_vecs.dtype)).unsqueeze(1)
+        return users, (self.weight * counts.float()).unsqueeze(1)  # the kernel casts to the vectors' dtype
