@@ -1,7 +1,10 @@
 """Quality of KD methods for one teacher → student setting: methods × seeds, one budget for all.
 
 Each (variant, seed) is one `distill_and_save` run into runs/quality/<name>/; finished runs are read
-back, so an interrupted benchmark resumes. The summary gives mean ± std of Recall/NDCG@10/20 in both
+back, so an interrupted benchmark resumes; with ``--reuse-committed`` a run missing there is taken from
+the committed ``benchmarks/results/quality_<name>.json`` (same settings only; each run keeps the code
+version that made it), so seeds can be added on a machine that lacks the earlier run directories. The
+summary gives mean ± std of Recall/NDCG@10/20 in both
 protocols, a paired t-test (pairs = same seed) of RCE-KD against the best other variant, and a plot of
 validation NDCG@10 per epoch (seed of the first run) for every variant.
 
@@ -23,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, data_dir, write_results
+from benchmarks.common import RESULTS, code_version, data_dir, write_results
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "quality"
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
@@ -80,6 +83,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             config=config,
             overwrite=True,
         )
+        (out / "benchmark_code.txt").write_text(job.get("code", "unknown"))
+    code_file = out / "benchmark_code.txt"
     manifest = json.loads((out / "manifest.json").read_text())
     training = manifest["training"]
     return {
@@ -92,7 +97,42 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "seconds": training["seconds"],
         "seconds_per_epoch_train": training["seconds_per_epoch_train"],
         "valid_curve": [(h["epoch"], h["valid_ndcg@10"]) for h in training["history"] if "valid_ndcg@10" in h],
+        "code": code_file.read_text().strip() if code_file.is_file() else "unknown",
     }
+
+
+# Settings that must match for a committed run to stand in for a new one.
+SAME_BUDGET = (
+    "dataset",
+    "teacher",
+    "student",
+    "dim",
+    "epochs",
+    "eval_every",
+    "patience",
+    "batch_size",
+    "lr",
+    "weight_decay",
+)
+
+
+def committed_runs(name: str, settings: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """(variant, seed) → run from the committed results of ``name``; refuses a different budget."""
+    path = RESULTS / f"quality_{name}.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    differ = {
+        k: (saved["settings"].get(k), settings[k]) for k in SAME_BUDGET if saved["settings"].get(k) != settings[k]
+    }
+    if differ:
+        raise SystemExit(f"--reuse-committed: {path.name} was run with other settings (committed, now): {differ}")
+    code = saved.get("machine", {}).get("code", "unknown")
+    return {(r["variant"], r["seed"]): {"code": code, **r} for r in saved["runs"]}
+
+
+def finished(job: dict[str, Any]) -> bool:
+    return (Path(job["out"]) / "manifest.json").is_file()
 
 
 def summarise(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
@@ -112,6 +152,7 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
                 }
         row["seconds_per_epoch_train"] = statistics.median(r["seconds_per_epoch_train"] for r in mine)
         row["best_epoch"] = [r["best_epoch"] for r in mine]
+        row["code"] = sorted({r.get("code", "unknown") for r in mine})
         table[variant] = row
     return table
 
@@ -208,6 +249,9 @@ def markdown(
             ]
         else:
             lines += ["", f"Paired t-test vs {test['against']}: {test['note']}."]
+    codes = {variant: row.get("code", []) for variant, row in table.items()}
+    if any(codes.values()):
+        lines += ["", "Code that made the runs: " + "; ".join(f"{v}: {', '.join(c)}" for v, c in codes.items()) + "."]
     ablations = against_full(table)
     if ablations:
         lines += ["", "Variants of RCE-KD against full RCE-KD (test NDCG@20, same seeds):", ""]
@@ -239,6 +283,11 @@ def main() -> None:
     parser.add_argument(
         "--summarise-only", action="store_true", help="no training: summarise the runs that have finished"
     )
+    parser.add_argument(
+        "--reuse-committed",
+        action="store_true",
+        help="take runs missing under runs/quality/<name>/ from the committed results (same settings only)",
+    )
     parser.add_argument("--note", default="", help="a line for the markdown, e.g. which code made the runs")
     args = parser.parse_args()
 
@@ -258,13 +307,20 @@ def main() -> None:
             "weight_decay": args.weight_decay,
             "threads": 1 if args.workers > 1 else os.cpu_count() or 1,
             "out": str(RUNS / args.name / f"{variant.replace(':', '__').replace('=', '-')}-s{seed}"),
+            "code": code_version(),
         }
         for seed in args.seeds
         for variant in args.variants
     ]
-    if args.summarise_only:
-        jobs = [job for job in jobs if (Path(job["out"]) / "manifest.json").is_file()]
     runs: list[dict[str, Any]] = []
+    if args.reuse_committed:
+        saved = committed_runs(args.name, vars(args))
+        reused = [saved[key] for job in jobs if (key := (job["variant"], job["seed"])) in saved and not finished(job)]
+        runs += reused
+        jobs = [job for job in jobs if (job["variant"], job["seed"]) not in {(r["variant"], r["seed"]) for r in reused}]
+        print(f"reusing {len(reused)} committed runs", flush=True)
+    if args.summarise_only:
+        jobs = [job for job in jobs if finished(job)]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         for result in pool.map(run_one, jobs):
             runs.append(result)
@@ -279,7 +335,7 @@ def main() -> None:
     command = "python -m benchmarks.quality " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
-        if k not in ("summarise_only", "note")
+        if k not in ("summarise_only", "note", "reuse_committed")
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(runs, args.variants, RESULTS / f"quality_{args.name}.png")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from benchmarks.quality import against_full, parse_variant, significance, summarise
+from benchmarks import quality
+from benchmarks.quality import SAME_BUDGET, against_full, committed_runs, parse_variant, significance, summarise
 
 
 def test_variants_parse_numbers_booleans_and_strings() -> None:
@@ -54,3 +58,24 @@ def test_variants_are_compared_with_the_full_method_on_shared_seeds() -> None:
     assert result["rcekd:ablation=wo_s"] == {"seeds": 3, "mean_diff": pytest.approx(-0.002), "below": 3}
     assert result["rcekd:gamma_mode=sampled"]["seeds"] == 2
     assert result["rcekd:gamma_mode=sampled"]["below"] == 1
+
+
+def _settings(**changes: object) -> dict:
+    settings = {key: 1 for key in SAME_BUDGET} | {"teacher": "runs/teachers/t", "seeds": [0, 1]}
+    return settings | changes
+
+
+def test_committed_runs_stand_in_only_under_the_same_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    assert committed_runs("missing", _settings()) == {}
+    saved = {
+        "machine": {"code": "abc1234"},
+        "settings": _settings(),
+        "runs": [_run("cd", 0, 0.02), _run("cd", 1, 0.03)],
+    }
+    (tmp_path / "quality_x.json").write_text(json.dumps(saved))
+    runs = committed_runs("x", _settings(seeds=[0, 1, 2]))  # more seeds: same budget
+    assert set(runs) == {("cd", 0), ("cd", 1)}
+    assert runs[("cd", 1)]["code"] == "abc1234" and runs[("cd", 1)]["metrics"]["test"]["ndcg@20"] == 0.03
+    with pytest.raises(SystemExit, match="patience"):
+        committed_runs("x", _settings(patience=20))
