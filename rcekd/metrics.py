@@ -17,7 +17,8 @@ import torch
 from scipy import stats
 
 from rcekd.data import Dataset
-from rcekd.kd import kernels
+from rcekd.kd.kernels import FLOATS
+from rcekd.kd.topk import row_topk
 
 PROTOCOLS = ("strict", "paper")
 #: scores held per chunk (float32): 2**25 → 128 MiB, a good trade-off of speed and memory
@@ -101,11 +102,11 @@ def ranking_metrics(
 
 def _top_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
     """int64[b, k] on CPU: each row's k best columns, best first. CPU floats go through the compiled
-    :func:`rcekd.kd.kernels.row_topk` (exact; torch's top-k copies
+    :func:`rcekd.kd.topk.row_topk` (exact; torch's top-k copies
     every row into (value, index) pairs); other devices use torch."""
-    if scores.device.type == "cpu" and scores.dtype in kernels.FLOATS:
+    if scores.device.type == "cpu" and scores.dtype in FLOATS:
         top = torch.empty(scores.shape[0], k, dtype=torch.int64)
-        kernels.row_topk(scores.contiguous(), k, top)
+        row_topk(scores.contiguous(), k, top)
         return top
     return scores.topk(k, dim=1).indices.cpu()
 

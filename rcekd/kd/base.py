@@ -17,6 +17,7 @@ import torch
 
 from rcekd.data import Dataset
 from rcekd.kd import kernels
+from rcekd.kd.topk import row_topk
 from rcekd.models.base import Batch, Recommender
 
 #: scores held per chunk when ranking all items with torch (CUDA)
@@ -36,7 +37,7 @@ def topk_items(
 
     ``exclude`` (users × items) removes items from a user's ranking (e.g. training items): they score
     −∞, so they only appear, last, when a user has fewer than k other items. On CPU the chunks are
-    ranked by :func:`kernels.row_topk` (exact; ~2× faster than torch's top-k on Gowalla, more with
+    ranked by :func:`row_topk` (exact; ~2× faster than torch's top-k on Gowalla, more with
     ``hint``: int64[n_users, ≥ k], e.g. last epoch's result); elsewhere by torch. Both give the same
     lists up to the order of scores tied within float rounding.
     """
@@ -57,7 +58,7 @@ def topk_items(
             rows, cols = _excluded(exclude, start, stop, scores.device)
             scores[rows, cols] = -torch.inf
         if compiled:
-            kernels.row_topk(scores, k, out[start:stop], None if hint is None else hint[start:stop])
+            row_topk(scores, k, out[start:stop], None if hint is None else hint[start:stop])
         else:
             out[start:stop] = scores.topk(k, dim=1).indices
     return out

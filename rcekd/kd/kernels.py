@@ -1,5 +1,5 @@
-"""Compiled CPU kernels for the KD hot paths: each user's list scores and their gradients, the
-fused soft cross-entropy of a list, and exact top-k of score rows.
+"""Compiled CPU kernels for the KD hot paths: each user's list scores and their gradients, and the
+fused soft cross-entropy of a list (exact top-k of score rows is in :mod:`rcekd.kd.topk`).
 
 Every KD method scores a few hundred items per batch user, for every row of every batch. Through
 torch ops this either gathers b × w × d item rows (memory-bound) or goes through sparse kernels whose
@@ -7,12 +7,10 @@ item gradient needs a sort of the b · w item ids each batch; both spent ~10 ms 
 what is ~6 M multiply-adds. These loops do it in one pass each, in cache, with no sort: the item
 gradient is a scatter-add, which a serial loop does without atomics. :class:`ListCrossEntropy` goes
 one step further for CE-style terms (RCE-KD): scores, softmaxes, loss and both gradients in one pass
-over each user's list. And every epoch each method ranks all items for every user: torch's CPU
-top-k copies each row into (value, index) pairs; :func:`row_topk` sorts only the few hundred scores
-above a proven threshold.
+over each user's list.
 
 :func:`list_scores` (and :class:`ListScores`, its autograd form), :func:`list_grads`,
-:class:`ListCrossEntropy`, :func:`list_positions` and :func:`row_topk` are the only entry points: they
+:class:`ListCrossEntropy` and :func:`list_positions` are the only entry points: they
 check devices, dtypes, shapes and id ranges (numba does not bounds-check, so an id out of range would
 read or write outside the tables), make the inputs contiguous, and call the kernels on NumPy views of
 the tensors' memory.
@@ -125,81 +123,6 @@ def _list_ce_kernel(  # type: ignore[no-untyped-def]
     return total
 
 
-#: :func:`row_topk` reduces each row to the maxima of groups of this many scores
-TOPK_GROUP = 16
-
-
-@numba.njit(cache=True, nogil=True)
-def _kth_largest(values, k, scratch):  # type: ignore[no-untyped-def]
-    """The k-th largest of ``values`` (k ≥ 1), by quickselect on ``scratch`` (np.partition allocates,
-    and is ~8× slower on a row's 2.6k group maxima)."""
-    n = values.shape[0]
-    scratch[:n] = values
-    lo, hi, want = 0, n - 1, k - 1  # want: the index in descending order
-    while lo < hi:
-        a, b, c = scratch[lo], scratch[(lo + hi) // 2], scratch[hi]
-        pivot = max(min(a, b), min(max(a, b), c))  # median of three
-        i, j = lo, hi
-        while i <= j:
-            while scratch[i] > pivot:
-                i += 1
-            while scratch[j] < pivot:
-                j -= 1
-            if i <= j:
-                scratch[i], scratch[j] = scratch[j], scratch[i]
-                i += 1
-                j -= 1
-        if want <= j:
-            hi = j
-        elif want >= i:
-            lo = i
-        else:
-            return scratch[want]
-    return scratch[want]
-
-
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
-def _row_topk_kernel(scores, hint, k, out):  # type: ignore[no-untyped-def]
-    n_rows, n = scores.shape
-    n_groups = (n + TOPK_GROUP - 1) // TOPK_GROUP  # group g: columns g, g + n_groups, g + 2 · n_groups, …
-    maxima = np.empty(n_groups, dtype=scores.dtype)
-    ids = np.empty(n, dtype=np.int64)  # usually < k · TOPK_GROUP are kept; ties or −∞ rows keep more
-    negated = np.empty(n, dtype=scores.dtype)
-    for r in range(n_rows):
-        row = scores[r]
-        maxima[:] = row[:n_groups]
-        for t in range(1, TOPK_GROUP):  # strided groups: an element-wise max of contiguous slices, vectorised
-            lo = t * n_groups
-            for g in range(min(n_groups, n - lo)):
-                maxima[g] = max(maxima[g], row[lo + g])
-        # θ with k scores at or above it bounds the k-th best score from below, so every top-k item
-        # scores ≥ θ: the hint's lowest score (its ≥ k items reach it), or the k-th best group maximum
-        theta = -np.inf
-        if hint.shape[1] >= k:
-            theta = np.inf
-            for j in range(hint.shape[1]):
-                theta = min(theta, row[hint[r, j]])
-        above = 0
-        for g in range(n_groups):
-            above += maxima[g] >= theta
-        if hint.shape[1] < k or above > 2 * k:  # no hint, or a loose one: tighten θ
-            if k <= n_groups:
-                theta = max(theta, _kth_largest(maxima, k, negated))
-            else:  # fewer groups than k (a short row or a deep list): the k-th score itself
-                theta = max(theta, _kth_largest(row, k, negated))
-        count = 0
-        for g in range(n_groups):
-            if maxima[g] >= theta:
-                for i in range(g, n, n_groups):
-                    if row[i] >= theta:
-                        ids[count] = i
-                        negated[count] = -row[i]
-                        count += 1
-        order = np.argsort(negated[:count])  # deterministic: ties in a fixed order
-        for j in range(k):
-            out[r, j] = ids[order[j]]
-
-
 def _check(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> None:
     if user_vecs.device.type != "cpu" or item_vecs.device.type != "cpu" or items.device.type != "cpu":
         raise ValueError("list kernels run on CPU tensors")
@@ -252,31 +175,6 @@ def list_positions(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     n_ids = max(int(values.max()), int(pool.max())) + 1
     _positions_kernel(_numpy(values), _numpy(pool), n_ids, out.numpy())
     return out
-
-
-def row_topk(scores: torch.Tensor, k: int, out: torch.Tensor, hint: torch.Tensor | None = None) -> None:
-    """Fill ``out[r]`` (int64[b, k]) with the k best columns of ``scores[r]``, best first (ties in a
-    fixed order): exact, like ``scores.topk(k)``, without ranking the whole row.
-
-    One vectorised pass takes the maxima of groups of :data:`TOPK_GROUP` scores; the k-th best
-    maximum θ has k scores at or above it, so only the scores ≥ θ (in at most k groups, plus ties)
-    are sorted. ``hint[r]`` (optional, ≥ k columns, e.g. last epoch's top list) may raise θ to its
-    own lowest score: a student's list moves little in an epoch, so that leaves a few hundred."""
-    if scores.device.type != "cpu" or out.device.type != "cpu" or (hint is not None and hint.device.type != "cpu"):
-        raise ValueError("list kernels run on CPU tensors")
-    hint = torch.zeros(scores.shape[0], 0, dtype=torch.int64) if hint is None else hint
-    if scores.dtype not in FLOATS or hint.dtype != torch.int64 or out.dtype != torch.int64:
-        raise TypeError("need float scores, int64 hint and int64 out")
-    if scores.dim() != 2 or hint.dim() != 2 or hint.shape[0] != scores.shape[0] or out.shape != (scores.shape[0], k):
-        raise ValueError(f"shapes do not fit: {tuple(scores.shape)}, {tuple(hint.shape)}, {tuple(out.shape)}, k={k}")
-    if not 0 < k <= scores.shape[1]:
-        raise ValueError(f"need 0 < k ≤ columns (k={k})")
-    if hint.numel() and (int(hint.min()) < 0 or int(hint.max()) >= scores.shape[1]):
-        raise IndexError(f"hint columns must lie in [0, {scores.shape[1]})")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    if scores.shape[0]:
-        _row_topk_kernel(_numpy(scores), _numpy(hint), k, out.numpy())
 
 
 def list_grads(

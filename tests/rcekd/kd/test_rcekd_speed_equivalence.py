@@ -9,7 +9,7 @@ import torch
 
 import rcekd.kd.base as base
 from rcekd.data import Dataset
-from rcekd.kd import Teacher, kernels
+from rcekd.kd import Teacher
 from rcekd.kd.base import (
     Distiller,
     gathered_scores,
@@ -24,6 +24,7 @@ from rcekd.kd.base import (
 from rcekd.kd.ce import VanillaCE
 from rcekd.kd.rcekd import RCEKD, Z_CAP
 from rcekd.kd.sampling import gumbel_topk
+from rcekd.kd.topk import row_topk
 from rcekd.models import MF
 
 
@@ -107,16 +108,16 @@ def test_hinted_topk_equals_matmul_topk(with_exclude: bool, hint_from: str) -> N
 def test_row_topk_checks_its_inputs() -> None:
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.4, 0.2, 0.6, 0.8]])
     out = torch.full((2, 2), -1, dtype=torch.int64)
-    kernels.row_topk(scores, 2, out, torch.tensor([[2, 3], [2, 3]]))
+    row_topk(scores, 2, out, torch.tensor([[2, 3], [2, 3]]))
     assert out.tolist() == [[1, 2], [3, 2]]
     with pytest.raises(IndexError):
-        kernels.row_topk(scores, 2, out, torch.tensor([[0, 4], [0, 1]]))
+        row_topk(scores, 2, out, torch.tensor([[0, 4], [0, 1]]))
     with pytest.raises(ValueError):
-        kernels.row_topk(scores, 5, torch.empty(2, 5, dtype=torch.int64))  # k over the columns
+        row_topk(scores, 5, torch.empty(2, 5, dtype=torch.int64))  # k over the columns
     with pytest.raises(TypeError):
-        kernels.row_topk(scores, 2, out, torch.tensor([[0, 1], [0, 1]], dtype=torch.int32))
+        row_topk(scores, 2, out, torch.tensor([[0, 1], [0, 1]], dtype=torch.int32))
     with pytest.raises(ValueError):
-        kernels.row_topk(scores, 2, torch.empty(2, 4, dtype=torch.int64)[:, :2])  # not contiguous
+        row_topk(scores, 2, torch.empty(2, 4, dtype=torch.int64)[:, :2])  # not contiguous
 
 
 def test_distillers_hint_each_epoch_with_the_last_ranking(
