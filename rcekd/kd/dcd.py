@@ -31,6 +31,7 @@ from rcekd.data import Dataset
 from rcekd.kd.base import (
     Distiller,
     Teacher,
+    fused_list_loss_available,
     gathered_scores,
     rowwise_isin,
     rowwise_positions,
@@ -39,6 +40,7 @@ from rcekd.kd.base import (
     topk_items,
     user_chunks,
 )
+from rcekd.kd.listwise import ListwiseLoss
 from rcekd.kd.sampling import allowed_counts, gumbel_topk, listwise_loss
 from rcekd.models.base import Batch, Recommender
 
@@ -107,7 +109,11 @@ class DCD(Distiller):
             planned = self._plan(spec, start, stop, student_top[start:stop])
             for name, value in planned.items():
                 parts.setdefault(name, []).append(value)
-        return {name: torch.cat(values) for name, values in parts.items()}
+        state = {name: torch.cat(values) for name, values in parts.items()}
+        # one list a row for the fused kernel: the under-estimated items (ranked), then the over-estimated
+        state["lists"] = torch.cat([state["under"], state["over"]], 1)
+        state["lists_valid"] = torch.cat([state["under_valid"], state["over_valid"]], 1)
+        return state
 
     def _plan(self, spec: dict[str, Any], start: int, stop: int, student_deep: torch.Tensor) -> dict[str, torch.Tensor]:
         teacher_deep = spec["teacher_top"][start:stop]
@@ -162,9 +168,25 @@ class DCD(Distiller):
 
         return self._correction("item", items, score_users)
 
+    def _fused(
+        self, side: str, rows: torch.Tensor, query_vecs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """One side's term for CPU students, in one compiled pass (:class:`ListwiseLoss`)."""
+        s = self.state[side]
+        lists, valid = s["lists"].index_select(0, rows), s["lists_valid"].index_select(0, rows)
+        return ListwiseLoss.apply(query_vecs, targets, lists, valid, s["under"].shape[1], weights)
+
     def loss(self, batch: Batch, student: Recommender) -> torch.Tensor:
-        """UCD per row's user plus (when on) ICD per row's positive item, both summed over rows."""
-        total = super().loss(batch, student)
+        """UCD per row's user plus (when on) ICD per row's positive item, both summed over rows; for CPU
+        students with dense embeddings each side in one compiled pass (the same sum, up to rounding)."""
+        fused = fused_list_loss_available(student)
+        if not fused:
+            total = super().loss(batch, student)
+        elif not self.state:
+            raise RuntimeError("on_epoch_start must run before loss")
+        else:
+            users, weights = self.batch_user_weights(batch, student)
+            total = self._fused("user", users, student.user_vectors(users), student.item_vectors(), weights[:, 0])
         if not self.icd_active:
             return total
         if "pos" not in batch:
@@ -172,6 +194,10 @@ class DCD(Distiller):
             self.state.pop("item", None)
             return total
         items, counts = torch.unique(batch["pos"], return_counts=True)
+        if fused:  # the item plays the user's part: its vector against its listed users' vectors
+            all_users, all_items = student.all_vectors()
+            weights = self.weight * counts.to(all_items.dtype)
+            return total + self._fused("item", items, all_items.index_select(0, items), all_users, weights)
         return total + self.weight * (self.item_loss(items, student) * counts).sum()
 
     def state_dict(self) -> dict[str, Any]:

@@ -27,12 +27,12 @@ import torch
 
 # reassoc/contract let LLVM vectorise the d-long dot products; the order of the sums is fixed for a
 # given machine, so results are deterministic, and equal to torch's up to float rounding
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 #: the vector dtypes the kernels are compiled for
 FLOATS = (torch.float32, torch.float64)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _scores_kernel(user_vecs, item_vecs, items, out):  # type: ignore[no-untyped-def]
     n_rows, width = items.shape
     dim = user_vecs.shape[1]
@@ -45,7 +45,7 @@ def _scores_kernel(user_vecs, item_vecs, items, out):  # type: ignore[no-untyped
             out[r, j] = acc
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _grads_kernel(user_vecs, item_vecs, items, grad, grad_users, grad_items):  # type: ignore[no-untyped-def]
     n_rows, width = items.shape
     dim = user_vecs.shape[1]
@@ -71,7 +71,7 @@ def _positions_kernel(values, pool, n_ids, out):  # type: ignore[no-untyped-def]
             where[pool[r, j]] = width
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _list_ce_kernel(  # type: ignore[no-untyped-def]
     user_vecs, item_vecs, items, targets, valid, bounds, weights, scale, grad_users, grad_items
 ):
@@ -123,7 +123,7 @@ def _list_ce_kernel(  # type: ignore[no-untyped-def]
     return total
 
 
-def _check(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> None:
+def check_lists(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> None:
     if user_vecs.device.type != "cpu" or item_vecs.device.type != "cpu" or items.device.type != "cpu":
         raise ValueError("list kernels run on CPU tensors")
     if user_vecs.dtype not in FLOATS or item_vecs.dtype != user_vecs.dtype or items.dtype != torch.int64:
@@ -141,15 +141,15 @@ def _check(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor
         raise IndexError(f"item ids must lie in [0, {item_vecs.shape[0]})")
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().contiguous().numpy()
 
 
 def list_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """float[b, w]: ``user_vecs[r] · item_vecs[items[r, j]]`` (no autograd)."""
-    _check(user_vecs, item_vecs, items)
+    check_lists(user_vecs, item_vecs, items)
     out = torch.empty(items.shape, dtype=user_vecs.dtype)
-    _scores_kernel(_numpy(user_vecs), _numpy(item_vecs), _numpy(items), out.numpy())
+    _scores_kernel(as_numpy(user_vecs), as_numpy(item_vecs), as_numpy(items), out.numpy())
     return out
 
 
@@ -173,7 +173,7 @@ def list_positions(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     if low < 0:
         raise IndexError("ids must be non-negative")
     n_ids = max(int(values.max()), int(pool.max())) + 1
-    _positions_kernel(_numpy(values), _numpy(pool), n_ids, out.numpy())
+    _positions_kernel(as_numpy(values), as_numpy(pool), n_ids, out.numpy())
     return out
 
 
@@ -181,7 +181,7 @@ def list_grads(
     user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(float[b, d], float[n, d]): the gradients of Σ grad ⊙ :func:`list_scores` in both vector sets."""
-    _check(user_vecs, item_vecs, items)
+    check_lists(user_vecs, item_vecs, items)
     if grad.shape != items.shape:
         raise ValueError(f"grad {tuple(grad.shape)} must match items {tuple(items.shape)}")
     return _grads(user_vecs, item_vecs, items, grad)
@@ -194,10 +194,10 @@ def _grads(
     grad_users = torch.zeros_like(user_vecs, memory_format=torch.contiguous_format)
     grad_items = torch.zeros_like(item_vecs, memory_format=torch.contiguous_format)
     _grads_kernel(
-        _numpy(user_vecs),
-        _numpy(item_vecs),
-        _numpy(items),
-        _numpy(grad.to(user_vecs.dtype)),
+        as_numpy(user_vecs),
+        as_numpy(item_vecs),
+        as_numpy(items),
+        as_numpy(grad.to(user_vecs.dtype)),
         grad_users.numpy(),
         grad_items.numpy(),
     )
@@ -229,7 +229,7 @@ class ListCrossEntropy(torch.autograd.Function):
         scale: float,
     ) -> torch.Tensor:
         user_vecs, item_vecs = user_vecs.detach().contiguous(), item_vecs.detach().contiguous()
-        _check(user_vecs, item_vecs, items)
+        check_lists(user_vecs, item_vecs, items)
         width = items.shape[1]
         if targets.shape != items.shape or valid.shape != items.shape or valid.dtype != torch.bool:
             raise ValueError(f"targets and a bool valid mask must match items {tuple(items.shape)}")
@@ -240,13 +240,13 @@ class ListCrossEntropy(torch.autograd.Function):
         grad_users = torch.zeros_like(user_vecs)
         grad_items = torch.zeros_like(item_vecs)
         total = _list_ce_kernel(
-            _numpy(user_vecs),
-            _numpy(item_vecs),
-            _numpy(items),
-            _numpy(targets.to(user_vecs.dtype)),
-            _numpy(valid),
+            as_numpy(user_vecs),
+            as_numpy(item_vecs),
+            as_numpy(items),
+            as_numpy(targets.to(user_vecs.dtype)),
+            as_numpy(valid),
             np.asarray(bounds, dtype=np.int64),
-            _numpy(weights.to(user_vecs.dtype)),
+            as_numpy(weights.to(user_vecs.dtype)),
             float(scale),
             grad_users.numpy(),
             grad_items.numpy(),

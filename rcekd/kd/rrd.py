@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from rcekd.data import Dataset
-from rcekd.kd.base import Distiller, Teacher, student_scores, user_chunks
+from rcekd.kd.base import Distiller, Teacher, fused_list_loss_available, student_scores, user_chunks
+from rcekd.kd.listwise import ListwiseLoss
 from rcekd.kd.sampling import allowed_counts, gumbel_topk, listwise_loss, pair_keys, sample_excluding
-from rcekd.models.base import Recommender
+from rcekd.models.base import Batch, Recommender
 
 
 class RRD(Distiller):
@@ -55,7 +56,11 @@ class RRD(Distiller):
         for start, stop in user_chunks(self.teacher_top.shape[0], self.mxK + self.K + self.L):
             for name, value in self._draw(start, stop).items():
                 parts.setdefault(name, []).append(value)
-        self.state = {name: torch.cat(values) for name, values in parts.items()}
+        state = {name: torch.cat(values) for name, values in parts.items()}
+        # one list a user for the fused kernel: the interesting items (ranked), then the rest
+        state["lists"] = torch.cat([state["interesting"], state["below"]], 1)
+        state["lists_valid"] = torch.cat([state["interesting_valid"], state["below_valid"]], 1)
+        self.state = state
 
     def _draw(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         top, valid = self.teacher_top[start:stop], self.top_valid[start:stop]
@@ -84,4 +89,18 @@ class RRD(Distiller):
         logits = student_scores(student, users, items)  # one call for all the lists
         return listwise_loss(
             logits[:, : self.K], logits[:, self.K :], s["interesting_valid"][users], s["below_valid"][users]
+        )
+
+    def loss(self, batch: Batch, student: Recommender) -> torch.Tensor:
+        """The KD term of a batch; for CPU students in one compiled pass (:class:`ListwiseLoss`),
+        the same sum as :meth:`user_loss` gives (up to rounding) without its torch ops."""
+        if not fused_list_loss_available(student):
+            return super().loss(batch, student)
+        if not self.state:
+            raise RuntimeError("on_epoch_start must run before loss")
+        users, weights = self.batch_user_weights(batch, student)
+        lists, valid = (self.state[name].index_select(0, users) for name in ("lists", "lists_valid"))
+        n_ranked = self.state["interesting"].shape[1]
+        return ListwiseLoss.apply(
+            student.user_vectors(users), student.item_vectors(), lists, valid, n_ranked, weights[:, 0]
         )
