@@ -45,7 +45,7 @@ from rcekd.kd.base import (
     teacher_scores,
     user_chunks,
 )
-from rcekd.kd.sampling import MASKED, allowed_counts, listwise_loss, pair_keys, sample_excluding
+from rcekd.kd.sampling import MASKED, allowed_counts, listwise_loss, sample_excluding
 from rcekd.kd.trajectory import load_trajectory
 from rcekd.models.base import Recommender
 
@@ -181,16 +181,10 @@ class HetComp(Distiller):
             order = positive_scores.masked_fill(~positives_valid, -torch.inf).argsort(1, descending=True)
             positives, positives_valid = positives.gather(1, order), positives_valid.gather(1, order)
         negatives, negatives_valid = [], []
-        n_items = self.dataset.n_items
         for start, stop in user_chunks(users.shape[0], self.top_k + self.n_negatives):
-            rows = users[start:stop]
-            forbidden = torch.cat(
-                [
-                    pair_keys(self.train_csr, start, stop, rows.device),
-                    (rows.unsqueeze(1) * n_items + targets[start:stop]).flatten(),
-                ]
+            drawn, valid = sample_excluding(
+                self.train_csr, start, stop, targets[start:stop], self.n_negatives, self.generator
             )
-            drawn, valid = sample_excluding(rows, self.n_negatives, n_items, forbidden, self.generator)
             negatives.append(drawn)
             negatives_valid.append(valid)
         negatives_valid_t = torch.cat(negatives_valid)

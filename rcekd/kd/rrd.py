@@ -17,7 +17,7 @@ import torch
 from rcekd.data import Dataset
 from rcekd.kd.base import Distiller, Teacher, fused_list_loss_available, student_scores, user_chunks
 from rcekd.kd.listwise import ListwiseLoss
-from rcekd.kd.sampling import allowed_counts, gumbel_topk, listwise_loss, pair_keys, sample_excluding
+from rcekd.kd.sampling import allowed_counts, gumbel_topk, listwise_loss, sample_excluding
 from rcekd.models.base import Batch, Recommender
 
 
@@ -68,12 +68,7 @@ class RRD(Distiller):
         rank = torch.arange(top.shape[1], device=device, dtype=torch.float32)
         log_weights = (-rank / self.T).expand_as(top).masked_fill(~valid, -torch.inf)
         positions = gumbel_topk(log_weights, self.K, self.generator).sort(1).values  # teacher-rank order
-        users = torch.arange(start, stop, device=device)
-        n_items = self.teacher.n_items
-        forbidden = torch.cat(
-            [pair_keys(self.train_csr, start, stop, device), (users.unsqueeze(1) * n_items + top).flatten()]
-        )
-        below, below_valid = sample_excluding(users, self.L, n_items, forbidden, self.generator)
+        below, below_valid = sample_excluding(self.train_csr, start, stop, top, self.L, self.generator)
         return {
             "interesting": top.gather(1, positions),
             "interesting_valid": valid.gather(1, positions),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -60,6 +61,80 @@ def pair_keys(exclude: sp.csr_matrix, start: int, stop: int, device: torch.devic
 
 
 def sample_excluding(
+    exclude: sp.csr_matrix,
+    start: int,
+    stop: int,
+    also: torch.Tensor,
+    n_samples: int,
+    generator: torch.Generator,
+    rounds: int = 30,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cols int64[b, n], valid bool[b, n]) for rows start..stop-1 of ``exclude``: uniform draws
+    without repeats among the columns that are neither excluded in the row nor in ``also[r]`` (int64
+    [b, m], e.g. the teacher's top list), in draw order.
+
+    Each draw is a uniform column, rejected if forbidden or already drawn: uniform sampling without
+    replacement over the allowed columns. Draws come in rounds (the generator's stream, so a seed gives
+    the same sets); a row still short after ``rounds`` rounds (fewer than n allowed columns, or a
+    catalogue nearly all forbidden) has its missing entries marked invalid. On CPU a compiled loop
+    marks each row's forbidden columns in a scratch table (O(forbidden + draws) a row); elsewhere
+    sorted keys and a binary search.
+    """
+    n_rows, n_cols = stop - start, exclude.shape[1]
+    if also.dim() != 2 or also.shape[0] != n_rows or also.dtype != torch.int64:
+        raise ValueError(f"also must be int64 [{n_rows}, m], got {also.dtype} {tuple(also.shape)}")
+    if also.numel() and (int(also.min()) < 0 or int(also.max()) >= n_cols):
+        raise IndexError(f"also must hold columns in [0, {n_cols})")
+    if also.device.type != "cpu":
+        rows = torch.arange(start, stop, device=also.device)
+        forbidden = torch.cat(
+            [pair_keys(exclude, start, stop, also.device), (rows.unsqueeze(1) * n_cols + also).flatten()]
+        )
+        return _sample_with_keys(rows, n_samples, n_cols, forbidden, generator, rounds)
+    block = exclude[start:stop]
+    indptr, indices = block.indptr.astype(np.int64), block.indices.astype(np.int64)
+    cols = np.zeros((n_rows, n_samples), dtype=np.int64)
+    filled = np.zeros(n_rows, dtype=np.int64)
+    mark = np.zeros(n_cols, dtype=np.int64)
+    pool_width = n_samples + max(8, n_samples // 4)  # a few spares: most rows fill in one round
+    also_np = also.contiguous().numpy()
+    for round_no in range(rounds):
+        pool = torch.randint(0, n_cols, (n_rows, pool_width), generator=generator).numpy()
+        _draw_kernel(indptr, indices, also_np, pool, cols, filled, mark, round_no * n_rows)
+        if filled.min(initial=n_samples) >= n_samples:
+            break
+    valid = np.arange(n_samples) < filled[:, None]
+    return torch.from_numpy(cols), torch.from_numpy(valid)
+
+
+@numba.njit(cache=True, nogil=True)
+def _draw_kernel(indptr, indices, also, pool, cols, filled, mark, stamp_base):  # type: ignore[no-untyped-def]
+    """One round of draws for every row not yet full; ``mark[c] == stamp`` means c is forbidden or
+    taken in the row being drawn (a fresh stamp a row and round, so the table is never cleared)."""
+    n_rows, n_samples = cols.shape
+    for r in range(n_rows):
+        count = filled[r]
+        if count >= n_samples:
+            continue
+        stamp = stamp_base + r + 1
+        for p in range(indptr[r], indptr[r + 1]):
+            mark[indices[p]] = stamp
+        for j in range(also.shape[1]):
+            mark[also[r, j]] = stamp
+        for j in range(count):
+            mark[cols[r, j]] = stamp
+        for p in range(pool.shape[1]):
+            if count >= n_samples:
+                break
+            col = pool[r, p]
+            if mark[col] != stamp:
+                mark[col] = stamp
+                cols[r, count] = col
+                count += 1
+        filled[r] = count
+
+
+def _sample_with_keys(
     rows: torch.Tensor,
     n_samples: int,
     n_cols: int,
@@ -67,12 +142,9 @@ def sample_excluding(
     generator: torch.Generator,
     rounds: int = 30,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cols int64[b, n], valid bool[b, n]): ~uniform draws per row, no forbidden pair, no repeats.
-
-    ``forbidden`` holds the keys row * n_cols + col that may not be drawn (any order). Draws that hit
-    one, or repeat an earlier draw of the row, are redrawn (all at once) for up to ``rounds`` rounds;
-    what still collides after that (rows with fewer than n allowed columns) is marked invalid.
-    """
+    """:func:`sample_excluding` off the CPU: ``forbidden`` holds the keys row * n_cols + col that may
+    not be drawn (any order). Draws that hit one, or repeat an earlier draw of the row, are redrawn
+    (all at once) for up to ``rounds`` rounds; what still collides is marked invalid."""
     device = rows.device
     forbidden = forbidden.sort().values
     cols = torch.randint(0, n_cols, (rows.shape[0], n_samples), generator=generator, device=device)
