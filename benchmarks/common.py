@@ -21,14 +21,19 @@ def data_dir(name: str) -> Path:
 
 
 def code_version() -> str:
-    """The commit the benchmark ran on (``+dirty`` with uncommitted changes), so results trace to code."""
+    """The commit the benchmark ran on (``+dirty`` with uncommitted changes outside
+    benchmarks/results), so results trace to code."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            # results written by an earlier benchmark in the same tree are not code
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+            cwd=root,
+            capture_output=True,
+            text=True,
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
