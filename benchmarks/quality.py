@@ -317,7 +317,8 @@ def main() -> None:
         saved = committed_runs(args.name, vars(args))
         reused = [saved[key] for job in jobs if (key := (job["variant"], job["seed"])) in saved and not finished(job)]
         runs += reused
-        jobs = [job for job in jobs if (job["variant"], job["seed"]) not in {(r["variant"], r["seed"]) for r in reused}]
+        reused_keys = {(r["variant"], r["seed"]) for r in reused}
+        jobs = [job for job in jobs if (job["variant"], job["seed"]) not in reused_keys]
         print(f"reusing {len(reused)} committed runs", flush=True)
     if args.summarise_only:
         jobs = [job for job in jobs if finished(job)]

@@ -145,8 +145,9 @@ class DCD(Distiller):
     def _correction(self, side: str, rows: torch.Tensor, scorer: Any) -> torch.Tensor:
         s = self.state[side]
         n = s["under"].shape[1]
-        logits = scorer(rows, torch.cat([s["under"][rows], s["over"][rows]], 1))
-        return listwise_loss(logits[:, :n], logits[:, n:], s["under_valid"][rows], s["over_valid"][rows])
+        logits = scorer(rows, s["lists"].index_select(0, rows))  # [under | over], joined once an epoch
+        valid = s["lists_valid"].index_select(0, rows)
+        return listwise_loss(logits[:, :n], logits[:, n:], valid[:, :n], valid[:, n:])
 
     def user_loss(self, users: torch.Tensor, student: Recommender) -> torch.Tensor:
         """UCD of each distinct user."""

@@ -79,12 +79,9 @@ class RRD(Distiller):
     def user_loss(self, users: torch.Tensor, student: Recommender) -> torch.Tensor:
         if not self.state:
             raise RuntimeError("on_epoch_start must run before loss")
-        s = self.state
-        items = torch.cat([s["interesting"][users], s["below"][users]], 1)
+        items, valid = (self.state[name].index_select(0, users) for name in ("lists", "lists_valid"))
         logits = student_scores(student, users, items)  # one call for all the lists
-        return listwise_loss(
-            logits[:, : self.K], logits[:, self.K :], s["interesting_valid"][users], s["below_valid"][users]
-        )
+        return listwise_loss(logits[:, : self.K], logits[:, self.K :], valid[:, : self.K], valid[:, self.K :])
 
     def loss(self, batch: Batch, student: Recommender) -> torch.Tensor:
         """The KD term of a batch; for CPU students in one compiled pass (:class:`ListwiseLoss`),
