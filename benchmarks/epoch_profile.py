@@ -111,7 +111,7 @@ def main() -> None:
         f"# Where an epoch goes: {args.name} ({dataset.n_users:,} users × {dataset.n_items:,} items)",
         "",
         f"Seconds per epoch, median of {args.rounds} interleaved rounds × {args.epochs - 1} epochs (each run's "
-        f"first epoch left out); one torch thread. Code: {code_version()}.",
+        f"first epoch left out); torch threads {torch.get_num_threads()}. Code: {code_version()}.",
         *([f"\n{args.note}"] if args.note else []),
         "",
         "| method | " + " | ".join(PHASES) + " | total | × alone |",
