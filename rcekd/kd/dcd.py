@@ -37,11 +37,11 @@ from rcekd.kd.base import (
     rowwise_positions,
     student_scores,
     student_vectors,
-    topk_items,
     user_chunks,
 )
 from rcekd.kd.listwise import ListwiseLoss
 from rcekd.kd.sampling import allowed_counts, gumbel_topk, listwise_loss
+from rcekd.kd.topk import topk_items
 from rcekd.models.base import Batch, Recommender
 
 MIN_WEIGHT = 1e-5

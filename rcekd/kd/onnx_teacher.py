@@ -23,7 +23,7 @@ import torch
 from onnx.external_data_helper import _get_all_tensors
 
 from rcekd.checkpoint import CheckpointError
-from rcekd.kd.base import CHUNK_SCORES
+from rcekd.kd.topk import CHUNK_SCORES
 
 INPUT = "user_ids"
 OUTPUT = "scores"

@@ -19,12 +19,11 @@ from rcekd.kd.base import (
     sorted_positions,
     student_vectors,
     teacher_scores,
-    topk_items,
 )
 from rcekd.kd.ce import VanillaCE
 from rcekd.kd.rcekd import RCEKD, Z_CAP
 from rcekd.kd.sampling import gumbel_topk
-from rcekd.kd.topk import row_topk
+from rcekd.kd.topk import row_topk, topk_items
 from rcekd.models import MF
 
 

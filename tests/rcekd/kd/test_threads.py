@@ -10,9 +10,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from rcekd.kd.base import topk_items
 from rcekd.kd.threads import block_bounds, run_blocks, single_torch_thread
-from rcekd.kd.topk import row_topk
+from rcekd.kd.topk import row_topk, topk_items
 
 
 @pytest.fixture
