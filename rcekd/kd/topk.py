@@ -60,7 +60,7 @@ THRESHOLD_BINS = 256
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
 def _group_threshold(maxima, k, counts, lowest, scratch):  # type: ignore[no-untyped-def]
     """A θ with at least k of ``maxima`` at or above it, near their k-th largest: one pass bins them,
-    a walk down from the top bin stops once k are counted (~4× cheaper than a quickselect)."""
+    a walk down from the top bin stops once k are counted (cheaper than a quickselect of them)."""
     lo, hi, finite = np.inf, -np.inf, 0
     for v in maxima:
         if -np.inf < v < np.inf:
@@ -125,9 +125,7 @@ def _rows_topk(scores, hint, k, out, first, stop):  # type: ignore[no-untyped-de
             out[r, j] = ids[order[j]]
 
 
-def row_topk(
-    scores: torch.Tensor, k: int, out: torch.Tensor, hint: torch.Tensor | None = None, threads: int = 1
-) -> None:
+def row_topk(scores: torch.Tensor, k: int, out: torch.Tensor, hint: torch.Tensor | None = None) -> None:
     """Fill ``out[r]`` (int64[b, k]) with the k best columns of ``scores[r]``, best first (ties in a
     fixed order): exact, like ``scores.topk(k)``, without ranking the whole row.
 
@@ -135,8 +133,7 @@ def row_topk(
     at or above it (found by binning them, :func:`_group_threshold`) has k scores at or above it, so
     only the scores ≥ θ (in about k groups) are sorted. ``hint[r]`` (optional, ≥ k columns, e.g. last
     epoch's top list) raises θ to its own lowest score where that is higher: on Gowalla's students
-    it rarely is (a few of last epoch's items fall far), so it is an option, not the method.
-    ``threads`` > 1 ranks blocks of rows in parallel (the kernel frees the GIL)."""
+    it rarely is (a few of last epoch's items fall far), so it is an option, not the method."""
     if scores.device.type != "cpu" or out.device.type != "cpu" or (hint is not None and hint.device.type != "cpu"):
         raise ValueError("row_topk runs on CPU tensors")
     hint = torch.zeros(scores.shape[0], 0, dtype=torch.int64) if hint is None else hint
@@ -151,9 +148,7 @@ def row_topk(
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     if scores.shape[0]:
-        arrays = (scores.detach().contiguous().numpy(), hint.contiguous().numpy(), k, out.numpy())
-        bounds = block_bounds(scores.shape[0], threads)
-        run_blocks(_rows_topk, lambda b, _: (*arrays, *bounds[b]), len(bounds))
+        _rows_topk(scores.detach().contiguous().numpy(), hint.contiguous().numpy(), k, out.numpy(), 0, scores.shape[0])
 
 
 def topk_items(
@@ -167,7 +162,7 @@ def topk_items(
 
     ``exclude`` (users × items) removes items from a user's ranking (e.g. training items): they score
     −∞, so they only appear, last, when a user has fewer than k other items. On CPU the chunks are
-    ranked by :func:`row_topk` (exact; ~3× faster than torch's top-k on Gowalla; ``hint``:
+    ranked by :func:`row_topk` (exact, and faster than torch's top-k; ``hint``:
     int64[n_users, ≥ k], e.g. last epoch's result, may tighten its threshold), in blocks of users on
     torch's thread count; elsewhere by torch. Both give the same lists up to the order of scores
     tied within float rounding.
@@ -212,7 +207,7 @@ def _rank_rows(
             rows, cols = _excluded(exclude, start, end, scores.device)
             scores[rows, cols] = -torch.inf
         if compiled:
-            row_topk(scores, k, out[start:end], None if hint is None else hint[start:end], threads=1)
+            row_topk(scores, k, out[start:end], None if hint is None else hint[start:end])
         else:
             out[start:end] = scores.topk(k, dim=1).indices
 

@@ -40,17 +40,6 @@ def test_topk_items_on_threads_equals_one_thread(with_exclude: bool) -> None:
     assert torch.equal(threaded, single)
 
 
-@pytest.mark.parametrize("threads", [2, 3, 50])  # 50: more threads than rows
-def test_row_topk_on_threads_equals_one_thread(threads: int) -> None:
-    torch.manual_seed(threads)
-    scores = torch.randn(17, 2000)
-    one, many = (torch.empty(17, 25, dtype=torch.int64) for _ in range(2))
-    row_topk(scores, 25, one)
-    row_topk(scores, 25, many, threads=threads)
-    assert torch.equal(one, many)
-    assert torch.equal(scores.gather(1, one), scores.topk(25, dim=1).values)
-
-
 def odd_rows() -> torch.Tensor:
     """Rows where binning the group maxima needs its fallbacks, and ordinary rows between them."""
     n = 16 * 40  # 40 groups of 16
