@@ -1,8 +1,9 @@
 """Quality of KD methods for one teacher → student setting: methods × seeds, one budget for all.
 
-Each (variant, seed) is one `distill_and_save` run into runs/quality/<name>/; finished runs are read
-back, so an interrupted benchmark resumes; with ``--reuse-committed`` a run missing there is taken from
-the committed ``benchmarks/results/quality_<name>.json`` (same settings only; each run keeps the code
+Each (variant, seed) is one `distill_and_save` run into runs/quality/<name>/ (while it runs, one JSON
+line an epoch goes to ``<run>.progress.jsonl`` beside it); finished runs are read back, so an
+interrupted benchmark resumes; with ``--reuse-committed`` a run missing there is taken from the
+committed ``benchmarks/results/quality_<name>.json`` (same settings only; each run keeps the code
 version that made it), so seeds can be added on a machine that lacks the earlier run directories. The
 summary gives mean ± std of Recall/NDCG@10/20 in both
 protocols, a paired t-test (pairs = same seed) of RCE-KD against the best other variant, and a plot of
@@ -22,11 +23,14 @@ import argparse
 import json
 import os
 import statistics
+import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, code_version, data_dir, write_results
+from rcekd.train import Progress
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "quality"
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
@@ -50,6 +54,23 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
                     continue
         options[key] = value
     return method, options
+
+
+def progress_path(out: Path) -> Path:
+    """Where a run in progress appends one JSON line an epoch (its directory appears only at the end)."""
+    return out.parent / f"{out.name}.progress.jsonl"
+
+
+def progress_logger(path: Path) -> Callable[[Progress], None]:
+    """An ``on_progress`` callback appending each epoch's :class:`Progress` (and the time) to ``path``:
+    runs last up to hours, and this is how to see how far one has got (``tail -f``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(progress: Progress) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **progress.as_dict()}) + "\n")
+
+    return log
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +102,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             student_params={"dim": job["dim"]},
             method_options=options,
             config=config,
+            on_progress=progress_logger(progress_path(out)),
             overwrite=True,
         )
         (out / "benchmark_code.txt").write_text(job.get("code", "unknown"))
@@ -322,6 +344,8 @@ def main() -> None:
         print(f"reusing {len(reused)} committed runs", flush=True)
     if args.summarise_only:
         jobs = [job for job in jobs if finished(job)]
+    if jobs:
+        print(f"{len(jobs)} runs; epochs so far: tail {RUNS / args.name}/*.progress.jsonl", flush=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         for result in pool.map(run_one, jobs):
             runs.append(result)

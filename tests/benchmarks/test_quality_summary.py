@@ -9,6 +9,8 @@ import pytest
 
 from benchmarks import quality
 from benchmarks.quality import SAME_BUDGET, against_full, committed_runs, parse_variant, significance, summarise
+from rcekd import cli
+from tests.rcekd.test_cli import train_args
 
 
 def test_variants_parse_numbers_booleans_and_strings() -> None:
@@ -79,3 +81,23 @@ def test_committed_runs_stand_in_only_under_the_same_budget(tmp_path: Path, monk
     assert runs[("cd", 1)]["code"] == "abc1234" and runs[("cd", 1)]["metrics"]["test"]["ndcg@20"] == 0.03
     with pytest.raises(SystemExit, match="patience"):
         committed_runs("x", _settings(patience=20))
+
+
+def test_a_run_logs_each_epoch_while_it_trains_and_reads_back_its_metrics(
+    tmp_path: Path, tiny_dataset_dir: Path
+) -> None:
+    teacher = tmp_path / "teacher"
+    assert cli.main(train_args(tiny_dataset_dir, teacher)) == 0
+    out = tmp_path / "quality" / "cd__weight-1.0-s0"  # a dot in the name: the log must not replace it
+    job = {
+        "variant": "cd:weight=1.0", "seed": 0, "data": str(tiny_dataset_dir), "teacher": str(teacher),
+        "student": "mf", "dim": 4, "epochs": 4, "eval_every": 2, "patience": 10, "batch_size": 256,
+        "lr": 1e-2, "weight_decay": 0.0, "threads": 1, "out": str(out), "code": "abc1234",
+    }  # fmt: skip
+    result = quality.run_one(job)
+    lines = [json.loads(line) for line in quality.progress_path(out).read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert [line["valid_ndcg"] is not None for line in lines] == [False, True, False, True]
+    assert all(line["max_epochs"] == 4 and line["time"] > 0 for line in lines)
+    assert result["variant"] == "cd:weight=1.0" and result["code"] == "abc1234" and result["epochs_run"] == 4
+    assert result["kd"]["weight"] == 1.0
