@@ -140,7 +140,9 @@ def test_a_killed_worker_s_job_resumes_on_the_next_and_succeeds(stack: Stack, te
     # the second attempt continued from the last checkpoint (every 2 epochs), not from scratch
     (resumed,) = second.lines("resumed at epoch")
     resumed_from = int(re.search(r"resumed at epoch (\d+)", resumed[1]).group(1))
-    assert 2 <= resumed_from <= epoch_at_kill and resumed_from % 2 == 0
+    # an epoch's checkpoint is written just before its progress is reported, so a kill between the two
+    # leaves a checkpoint one epoch past the last reported one
+    assert 2 <= resumed_from <= epoch_at_kill + 1 and resumed_from % 2 == 0
     assert job["progress"]["resumed_from"] == resumed_from
     print(f"killed at epoch {epoch_at_kill}, resumed at epoch {resumed_from}, claimed {recovered_s:.1f} s later")
     roles = sorted(m["role"] for m in stack.client.get("/models").json() if m["job_id"] == job_id)
