@@ -119,6 +119,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "seconds": training["seconds"],
         "seconds_per_epoch_train": training["seconds_per_epoch_train"],
         "valid_curve": [(h["epoch"], h["valid_ndcg@10"]) for h in training["history"] if "valid_ndcg@10" in h],
+        # each epoch's summed loss and the method's diagnostics (γ, HetComp's stages, …): what a claim
+        # about a run's course cites, kept in the committed results once the run directory is gone
+        "train_curve": [(h["epoch"], h["loss"], h.get("kd", {})) for h in training["history"]],
         "code": code_file.read_text().strip() if code_file.is_file() else "unknown",
     }
 

@@ -101,3 +101,5 @@ def test_a_run_logs_each_epoch_while_it_trains_and_reads_back_its_metrics(
     assert all(line["max_epochs"] == 4 and line["time"] > 0 for line in lines)
     assert result["variant"] == "cd:weight=1.0" and result["code"] == "abc1234" and result["epochs_run"] == 4
     assert result["kd"]["weight"] == 1.0
+    assert [epoch for epoch, _, _ in result["train_curve"]] == [1, 2, 3, 4]
+    assert all(loss > 0 for _, loss, _ in result["train_curve"])
