@@ -16,6 +16,7 @@ import torch
 
 from rcekd.data import Dataset
 from rcekd.kd import kernels
+from rcekd.kd.list_ce import ListCrossEntropy, ListTable
 from rcekd.kd.topk import topk_items
 from rcekd.models.base import Batch, Recommender
 
@@ -90,21 +91,12 @@ def fused_list_loss_available(student: Recommender) -> bool:
 
 
 def list_cross_entropy(
-    student: Recommender,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    targets: torch.Tensor,
-    valid: torch.Tensor,
-    bounds: tuple[int, ...],
-    weights: torch.Tensor,
-    scale: float = 1.0,
+    student: Recommender, users: torch.Tensor, table: ListTable, weights: torch.Tensor, scale: float = 1.0
 ) -> torch.Tensor:
-    """The weighted sum of soft cross-entropies on segments of each user's list, in one compiled pass
-    (:class:`kernels.ListCrossEntropy`): for CPU students with dense embeddings (see
-    :func:`fused_list_loss_available`); equal, up to rounding, to the same sum of torch ops."""
-    return kernels.ListCrossEntropy.apply(
-        student.user_vectors(users), student.item_vectors(), items, targets, valid, bounds, weights, scale
-    )
+    """The weighted sum of soft cross-entropies on segments of each batch user's list (row ``users[r]``
+    of ``table``), in one compiled pass (:class:`ListCrossEntropy`): for CPU students with dense
+    embeddings (see :func:`fused_list_loss_available`); equal, up to rounding, to the same sum of torch ops."""
+    return ListCrossEntropy.apply(student.user_vectors(users), student.item_vectors(), table, users, weights, scale)
 
 
 def teacher_scores(teacher: Teacher, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from rcekd.kd.base import (
     student_scores,
     teacher_scores,
 )
+from rcekd.kd.list_ce import ListTable
 from rcekd.models.base import Batch, Recommender
 
 
@@ -32,6 +33,7 @@ class VanillaCE(Distiller):
         users = torch.arange(teacher.n_users, device=self.teacher_top.device)
         self.teacher_logits = teacher_scores(teacher, users, self.teacher_top) / tau  # fixed: Q_T never changes
         self.targets = torch.softmax(self.teacher_logits, dim=1)  # and so are its softmax targets
+        self.table: ListTable | None = None  # the fused pass's view of them, built on first use
 
     def on_epoch_start(self, student: Recommender, epoch: int) -> None:
         """Nothing to refresh: the set is the teacher's."""
@@ -47,7 +49,9 @@ class VanillaCE(Distiller):
         if not fused_list_loss_available(student):
             return super().loss(batch, student)
         users, weights = self.batch_user_weights(batch, student)
-        items = self.teacher_top.index_select(0, users)
-        valid = torch.ones_like(items, dtype=torch.bool)
-        targets = self.targets.index_select(0, users)
-        return list_cross_entropy(student, users, items, targets, valid, (0, items.shape[1]), weights, 1.0 / self.tau)
+        if self.table is None:  # Q_T and its targets never change: checked once
+            valid = torch.ones_like(self.teacher_top, dtype=torch.bool)
+            n_items = student.item_vectors().shape[0]
+            top, targets = self.teacher_top.cpu(), self.targets.cpu()
+            self.table = ListTable.of(top, targets, valid.cpu(), (0, top.shape[1]), n_items)
+        return list_cross_entropy(student, users, self.table, weights, 1.0 / self.tau)

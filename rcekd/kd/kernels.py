@@ -1,16 +1,15 @@
-"""Compiled CPU kernels for the KD hot paths: each user's list scores and their gradients, and the
-fused soft cross-entropy of a list (exact top-k of score rows is in :mod:`rcekd.kd.topk`).
+"""Compiled CPU kernels for the KD hot paths: each user's list scores and their gradients (the fused
+soft cross-entropy of a list is in :mod:`rcekd.kd.list_ce`, exact top-k of score rows in
+:mod:`rcekd.kd.topk`).
 
 Every KD method scores a few hundred items per batch user, for every row of every batch. Through
 torch ops this either gathers b × w × d item rows (memory-bound) or goes through sparse kernels whose
 item gradient needs a sort of the b · w item ids each batch; both spent ~10 ms a Gowalla batch on
 what is ~6 M multiply-adds. These loops do it in one pass each, in cache, with no sort: the item
-gradient is a scatter-add, which a serial loop does without atomics. :class:`ListCrossEntropy` goes
-one step further for CE-style terms (RCE-KD): scores, softmaxes, loss and both gradients in one pass
-over each user's list.
+gradient is a scatter-add, which a serial loop does without atomics.
 
-:func:`list_scores` (and :class:`ListScores`, its autograd form), :func:`list_grads`,
-:class:`ListCrossEntropy` and :func:`list_positions` are the only entry points: they
+:func:`list_scores` (and :class:`ListScores`, its autograd form), :func:`list_grads` and
+:func:`list_positions` are the only entry points: they
 check devices, dtypes, shapes and id ranges (numba does not bounds-check, so an id out of range would
 read or write outside the tables), make the inputs contiguous, and call the kernels on NumPy views of
 the tensors' memory.
@@ -18,7 +17,6 @@ the tensors' memory.
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import Any
 
 import numba
@@ -69,58 +67,6 @@ def _positions_kernel(values, pool, n_ids, out):  # type: ignore[no-untyped-def]
             out[r, j] = where[values[r, j]]
         for j in range(width):
             where[pool[r, j]] = width
-
-
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _list_ce_kernel(  # type: ignore[no-untyped-def]
-    user_vecs, item_vecs, items, targets, valid, bounds, weights, scale, grad_users, grad_items
-):
-    n_rows, width = items.shape
-    dim = user_vecs.shape[1]
-    scores = np.empty(width, dtype=user_vecs.dtype)
-    coef = np.empty(width, dtype=user_vecs.dtype)
-    total = 0.0
-    for r in range(n_rows):
-        for j in range(width):
-            item = items[r, j]
-            acc = user_vecs[r, 0] * 0
-            for k in range(dim):
-                acc += user_vecs[r, k] * item_vecs[item, k]
-            scores[j] = acc * scale
-        for q in range(bounds.shape[0] - 1):  # one soft cross-entropy a segment of the list
-            lo, hi = bounds[q], bounds[q + 1]
-            top = scores[lo]  # of the vectors' dtype: float32 exps are ~2× cheaper than float64 ones
-            seen = False
-            for j in range(lo, hi):
-                coef[j] = 0
-                if valid[r, j] and (not seen or scores[j] > top):
-                    top = scores[j]
-                    seen = True
-            if not seen:  # no valid entry: no term
-                continue
-            sum_exp = top * 0
-            mass = 0.0
-            dot = 0.0
-            for j in range(lo, hi):
-                if valid[r, j]:
-                    coef[j] = np.exp(scores[j] - top)  # kept: the softmax below reuses it
-                    sum_exp += coef[j]
-                    mass += targets[r, j]
-                    dot += targets[r, j] * scores[j]
-            weight = weights[r, q]
-            total += weight * (mass * (top + np.log(sum_exp)) - dot)  # −Σ t_j log softmax(s)_j
-            factor = weight * scale * mass / sum_exp
-            for j in range(lo, hi):
-                if valid[r, j]:  # d/ds_j = mass · softmax_j − t_j, times the chain's scale
-                    coef[j] = factor * coef[j] - weight * scale * targets[r, j]
-        for j in range(width):
-            g = coef[j]
-            if g != 0:
-                item = items[r, j]
-                for k in range(dim):
-                    grad_users[r, k] += g * item_vecs[item, k]
-                    grad_items[item, k] += g * user_vecs[r, k]
-    return total
 
 
 def check_lists(user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor) -> None:
@@ -202,62 +148,6 @@ def _grads(
         grad_items.numpy(),
     )
     return grad_users, grad_items
-
-
-class ListCrossEntropy(torch.autograd.Function):
-    """Σ_r Σ_q weights[r, q] · CE(targets[r, segment q], softmax(scale · scores[r, segment q])) over
-    the valid entries, with ``scores[r, j] = user_vecs[r] · item_vecs[items[r, j]]``: a KD term of
-    soft cross-entropies on each user's list, in one compiled pass.
-
-    The forward pass also computes both gradients, while each item row is in cache for its score
-    (the backward pass of :class:`ListScores` gathers every row again); backward only scales them.
-    ``targets`` are the fixed teacher side (rows summing to 1 per segment, or 0), ``valid`` a bool
-    mask (rows or segments without a valid entry add nothing), ``bounds`` the segments' column
-    limits ``[0, ..., width]``, ``weights`` float[b, segments] (each user's γ, λ and row count).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        user_vecs: torch.Tensor,
-        item_vecs: torch.Tensor,
-        items: torch.Tensor,
-        targets: torch.Tensor,
-        valid: torch.Tensor,
-        bounds: tuple[int, ...],
-        weights: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        user_vecs, item_vecs = user_vecs.detach().contiguous(), item_vecs.detach().contiguous()
-        check_lists(user_vecs, item_vecs, items)
-        width = items.shape[1]
-        if targets.shape != items.shape or valid.shape != items.shape or valid.dtype != torch.bool:
-            raise ValueError(f"targets and a bool valid mask must match items {tuple(items.shape)}")
-        if bounds[0] != 0 or bounds[-1] != width or any(b > c for b, c in pairwise(bounds)):
-            raise ValueError(f"segment bounds must rise from 0 to {width}, got {bounds}")
-        if weights.shape != (items.shape[0], len(bounds) - 1):
-            raise ValueError(f"weights must be [{items.shape[0]}, {len(bounds) - 1}], got {tuple(weights.shape)}")
-        grad_users = torch.zeros_like(user_vecs)
-        grad_items = torch.zeros_like(item_vecs)
-        total = _list_ce_kernel(
-            as_numpy(user_vecs),
-            as_numpy(item_vecs),
-            as_numpy(items),
-            as_numpy(targets.to(user_vecs.dtype)),
-            as_numpy(valid),
-            np.asarray(bounds, dtype=np.int64),
-            as_numpy(weights.to(user_vecs.dtype)),
-            float(scale),
-            grad_users.numpy(),
-            grad_items.numpy(),
-        )
-        ctx.save_for_backward(grad_users, grad_items)
-        return torch.tensor(total, dtype=user_vecs.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        grad_users, grad_items = ctx.saved_tensors
-        return grad_users * grad, grad_items * grad, None, None, None, None, None, None
 
 
 class ListScores(torch.autograd.Function):

@@ -30,6 +30,7 @@ from rcekd.kd.base import (
     teacher_scores,
     user_chunks,
 )
+from rcekd.kd.list_ce import ListTable
 from rcekd.kd.sampling import MASKED, gumbel_topk
 from rcekd.models.base import Batch, Recommender
 
@@ -125,6 +126,7 @@ class RCEKD(Distiller):
         users = torch.arange(self.teacher_top.shape[0], device=self.teacher_top.device)
         self.teacher_top_logits = teacher_scores(teacher, users, self.teacher_top) / tau  # and so are its logits on Q_T
         self.state: dict[str, torch.Tensor] = {}
+        self.table: ListTable | None = None
 
     # -------------------------------------------------------------------------------- per epoch
     def on_epoch_start(self, student: Recommender, epoch: int) -> None:
@@ -138,10 +140,24 @@ class RCEKD(Distiller):
         if "items" in state:  # the sets as views of the one list a user: Q_S | A_u = sampled | Q_T
             state["student_top"] = state["items"][:, : self.K]
             state["a_items"] = state["items"][:, self.K :]
-            # the fused kernel's view: one list, one target row, one mask, segments Q_S and A_u
-            state["targets"] = torch.cat([state["p_student_top"], state["p_a"]], 1)
-            state["valid"] = torch.cat([torch.ones_like(state["student_top"], dtype=torch.bool), state["a_valid"]], 1)
         self.state = state
+        self.table = self._fused_table(student) if fused_list_loss_available(student) else None
+
+    def _fused_table(self, student: Recommender) -> ListTable:
+        """The fused kernel's view of this epoch's sets: one list a user, segments Q_S and A_u (or the
+        ablation's one segment), checked once here rather than every batch."""
+        state, n_items = self.state, student.item_vectors().shape[0]
+        if self.ablation == "wo_sep":
+            items = state["union_items"]
+            return ListTable.of(items, state["p_union"], state["union_valid"], (0, items.shape[1]), n_items)
+        if self.ablation == "wo_s":
+            items = state["student_top"]
+            valid = torch.ones_like(items, dtype=torch.bool)
+            return ListTable.of(items, state["p_student_top"], valid, (0, self.K), n_items)
+        items = state["items"]
+        targets = torch.cat([state["p_student_top"], state["p_a"]], 1)
+        valid = torch.cat([torch.ones_like(state["student_top"], dtype=torch.bool), state["a_valid"]], 1)
+        return ListTable.of(items, targets, valid, (0, self.K, items.shape[1]), n_items)
 
     def _plan(self, start: int, stop: int, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-epoch sets, weights and teacher targets for users start..stop-1."""
@@ -214,22 +230,12 @@ class RCEKD(Distiller):
         if not self.state:
             raise RuntimeError("on_epoch_start must run before loss")
         users, weights = self.batch_user_weights(batch, student)
-
-        def rows(name: str) -> torch.Tensor:
-            return self.state[name].index_select(0, users)
-
-        if self.ablation == "wo_sep":
-            items, targets, valid = rows("union_items"), rows("p_union"), rows("union_valid")
-            bounds: tuple[int, ...] = (0, items.shape[1])
-        elif self.ablation == "wo_s":
-            items, targets = rows("student_top"), rows("p_student_top")
-            valid, bounds = torch.ones_like(items, dtype=torch.bool), (0, self.K)
-        else:
-            items, targets, valid = rows("items"), rows("targets"), rows("valid")
-            bounds = (0, self.K, items.shape[1])
-            gamma = rows("gamma").unsqueeze(1)
+        if self.table is None:
+            raise RuntimeError("on_epoch_start did not see a student the fused pass can train")
+        if self.ablation not in ("wo_sep", "wo_s"):
+            gamma = self.state["gamma"].index_select(0, users).unsqueeze(1)
             weights = weights * torch.cat([1 - gamma, gamma], 1)
-        return list_cross_entropy(student, users, items, targets, valid, bounds, weights, 1.0 / self.tau)
+        return list_cross_entropy(student, users, self.table, weights, 1.0 / self.tau)
 
     def diagnostics(self) -> dict[str, Any]:
         """Mean γ and |A_u| this epoch: how far the student's top list is from the teacher's."""

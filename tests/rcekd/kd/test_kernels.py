@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 import pytest
 import torch
 
-from rcekd.kd.kernels import ListCrossEntropy, list_grads, list_scores
+from rcekd.kd.kernels import list_grads, list_scores
 
 
 def _inputs(dtype: torch.dtype, n_rows: int = 33, n_items: int = 211, width: int = 17, dim: int = 20):
@@ -66,50 +64,3 @@ def test_wrong_dtypes_and_shapes_are_refused() -> None:
         list_scores(user_vecs[:, :0], item_vecs[:, :0], items)
     with pytest.raises(ValueError, match="must match"):
         list_grads(user_vecs, item_vecs, items, torch.zeros(3, 3))
-
-
-def _plain_list_ce(user_vecs, item_vecs, items, targets, valid, bounds, weights, scale):  # type: ignore[no-untyped-def]
-    """The same sum in torch ops: masked log-softmax per segment, rows without valid entries add 0."""
-    scores = torch.einsum("bd,bwd->bw", user_vecs, item_vecs[items]) * scale
-    total = scores.new_zeros(())
-    for q, (lo, hi) in enumerate(pairwise(bounds)):
-        seg_valid = valid[:, lo:hi]
-        logits = scores[:, lo:hi].masked_fill(~seg_valid, -1e30)
-        log_q = torch.log_softmax(logits, 1)
-        per_row = -(targets[:, lo:hi] * torch.where(seg_valid, log_q, 0)).sum(1)
-        total = total + (weights[:, q] * per_row * seg_valid.any(1)).sum()
-    return total
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_list_cross_entropy_equals_plain_torch(dtype: torch.dtype) -> None:
-    user_vecs, item_vecs, items = _inputs(dtype, width=12)
-    generator = torch.Generator().manual_seed(3)
-    valid = torch.rand(items.shape, generator=generator) > 0.3
-    valid[1, 5:] = False  # row 1: its second segment has no valid entry
-    targets = torch.softmax(torch.randn(items.shape, generator=generator, dtype=dtype), 1) * valid
-    bounds = (0, 5, 12)
-    weights = torch.rand(items.shape[0], 2, generator=generator, dtype=dtype) * 3
-    fused_inputs = [user_vecs.clone().requires_grad_(), item_vecs.clone().requires_grad_()]
-    plain_inputs = [user_vecs.clone().requires_grad_(), item_vecs.clone().requires_grad_()]
-    fused = ListCrossEntropy.apply(*fused_inputs, items, targets, valid, bounds, weights, 0.7)
-    plain = _plain_list_ce(*plain_inputs, items, targets, valid, bounds, weights, 0.7)
-    (2.5 * fused).backward()
-    (2.5 * plain).backward()
-    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
-    torch.testing.assert_close(fused.detach(), plain.detach(), **tolerance)
-    for got, expected in zip(fused_inputs, plain_inputs, strict=True):
-        torch.testing.assert_close(got.grad, expected.grad, **tolerance)
-
-
-def test_list_cross_entropy_refuses_what_does_not_fit() -> None:
-    user_vecs, item_vecs, items = _inputs(torch.float32, width=6)
-    targets, valid, weights = torch.zeros(items.shape), torch.ones(items.shape, dtype=torch.bool), torch.ones(33, 1)
-    with pytest.raises(ValueError, match="bounds"):
-        ListCrossEntropy.apply(user_vecs, item_vecs, items, targets, valid, (0, 5), weights, 1.0)
-    with pytest.raises(ValueError, match="bool"):
-        ListCrossEntropy.apply(user_vecs, item_vecs, items, targets, valid.float(), (0, 6), weights, 1.0)
-    with pytest.raises(ValueError, match="weights"):
-        ListCrossEntropy.apply(user_vecs, item_vecs, items, targets, valid, (0, 6), torch.ones(33, 2), 1.0)
-    with pytest.raises(IndexError):
-        ListCrossEntropy.apply(user_vecs, item_vecs, items + 1000, targets, valid, (0, 6), weights, 1.0)

@@ -1,0 +1,126 @@
+"""The fused list cross-entropy: the same loss and gradients as plain torch, on table rows read in
+place, on one thread or several, and a checked boundary."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+import torch
+
+from rcekd.kd.list_ce import ListCrossEntropy, ListTable
+
+N_ITEMS = 211
+
+
+def _plain_list_ce(user_vecs, item_vecs, items, targets, valid, bounds, weights, scale):  # type: ignore[no-untyped-def]
+    """The same sum in torch ops: masked log-softmax per segment, rows without valid entries add 0."""
+    scores = torch.einsum("bd,bwd->bw", user_vecs, item_vecs[items]) * scale
+    total = scores.new_zeros(())
+    for q, (lo, hi) in enumerate(pairwise(bounds)):
+        seg_valid = valid[:, lo:hi]
+        logits = scores[:, lo:hi].masked_fill(~seg_valid, -1e30)
+        log_q = torch.log_softmax(logits, 1)
+        per_row = -(targets[:, lo:hi] * torch.where(seg_valid, log_q, 0)).sum(1)
+        total = total + (weights[:, q] * per_row * seg_valid.any(1)).sum()
+    return total
+
+
+def _table(dtype: torch.dtype, n_users: int = 40, width: int = 12, bounds: tuple[int, ...] = (0, 5, 12)) -> ListTable:
+    generator = torch.Generator().manual_seed(3)
+    items = torch.randint(0, N_ITEMS, (n_users, width), generator=generator)
+    items[0] = 3  # one row repeats an item everywhere: each entry still contributes on its own
+    items[2, 5:9] = items[2, :4]  # a row whose second segment repeats its first (RCE-KD's sample in Q_S)
+    valid = torch.rand(items.shape, generator=generator) > 0.3
+    valid[1, 5:] = False  # row 1: its second segment has no valid entry
+    valid[4] = False  # row 4: nothing valid at all
+    targets = torch.softmax(torch.randn(items.shape, generator=generator, dtype=dtype), 1) * valid
+    return ListTable.of(items, targets, valid, bounds, N_ITEMS)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_list_cross_entropy_equals_plain_torch_on_the_rows_it_is_given(dtype: torch.dtype, threads: int) -> None:
+    table = _table(dtype)
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.tensor([2, 0, 1, 4, 7, 39, 12, 3, 30])  # a batch's users, in no particular order
+    user_vecs = torch.randn(rows.shape[0], 20, generator=generator, dtype=dtype)
+    item_vecs = torch.randn(N_ITEMS, 20, generator=generator, dtype=dtype)
+    weights = torch.rand(rows.shape[0], 2, generator=generator, dtype=dtype) * 3
+    fused_inputs = [user_vecs.clone().requires_grad_(), item_vecs.clone().requires_grad_()]
+    plain_inputs = [user_vecs.clone().requires_grad_(), item_vecs.clone().requires_grad_()]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = ListCrossEntropy.apply(*fused_inputs, table, rows, weights, 0.7)
+    finally:
+        torch.set_num_threads(before)
+    plain = _plain_list_ce(
+        *plain_inputs, table.items[rows], table.targets[rows], table.valid[rows], table.bounds, weights, 0.7
+    )
+    (2.5 * fused).backward()
+    (2.5 * plain).backward()
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(fused.detach(), plain.detach(), **tolerance)
+    for got, expected in zip(fused_inputs, plain_inputs, strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, **tolerance)
+    assert fused_inputs[1].grad[table.items[rows[0]]].abs().sum() > 0  # the repeated item's gradient arrived
+    assert fused_inputs[0].grad[3].abs().sum() == 0  # row 4 (nothing valid) gets no gradient
+
+
+def test_one_thread_and_two_give_the_same_loss() -> None:
+    table = _table(torch.float32, n_users=300)
+    generator = torch.Generator().manual_seed(9)
+    rows = torch.randperm(300, generator=generator)[:200]
+    user_vecs = torch.randn(200, 20, generator=generator)
+    item_vecs = torch.randn(N_ITEMS, 20, generator=generator)
+    weights = torch.ones(200, 2)
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(float(ListCrossEntropy.apply(user_vecs, item_vecs, table, rows, weights, 1.0)))
+    finally:
+        torch.set_num_threads(before)
+    assert results[0] == pytest.approx(results[1], rel=1e-6) and results[0] > 0
+
+
+def test_a_table_is_checked_once_when_built() -> None:
+    items = torch.randint(0, N_ITEMS, (6, 4))
+    targets, valid = torch.zeros(6, 4), torch.ones(6, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bounds"):
+        ListTable.of(items, targets, valid, (0, 3), N_ITEMS)
+    with pytest.raises(ValueError, match="bounds"):
+        ListTable.of(items, targets, valid, (0, 3, 2, 4), N_ITEMS)
+    with pytest.raises(ValueError, match="bool"):
+        ListTable.of(items, targets, valid.float(), (0, 4), N_ITEMS)
+    with pytest.raises(ValueError, match="match"):
+        ListTable.of(items, targets[:, :3], valid, (0, 4), N_ITEMS)
+    with pytest.raises(TypeError):
+        ListTable.of(items.int(), targets, valid, (0, 4), N_ITEMS)
+    with pytest.raises(TypeError):
+        ListTable.of(items, targets.half(), valid, (0, 4), N_ITEMS)
+    with pytest.raises(IndexError):
+        ListTable.of(items + N_ITEMS, targets, valid, (0, 4), N_ITEMS)
+    with pytest.raises(IndexError):
+        ListTable.of(items - N_ITEMS, targets, valid, (0, 4), N_ITEMS)
+
+
+def test_a_batch_that_does_not_fit_its_table_is_refused() -> None:
+    table = _table(torch.float32)
+    user_vecs, item_vecs = torch.randn(3, 20), torch.randn(N_ITEMS, 20)
+    rows, weights = torch.tensor([0, 1, 2]), torch.ones(3, 2)
+    with pytest.raises(IndexError, match="rows"):
+        ListCrossEntropy.apply(user_vecs, item_vecs, table, torch.tensor([0, 1, 40]), weights, 1.0)
+    with pytest.raises(IndexError, match="rows"):
+        ListCrossEntropy.apply(user_vecs, item_vecs, table, torch.tensor([0, -1, 2]), weights, 1.0)
+    with pytest.raises(ValueError, match="rows"):
+        ListCrossEntropy.apply(user_vecs, item_vecs, table, rows[:2], weights, 1.0)
+    with pytest.raises(ValueError, match="weights"):
+        ListCrossEntropy.apply(user_vecs, item_vecs, table, rows, torch.ones(3, 1), 1.0)
+    with pytest.raises(ValueError, match="items"):
+        ListCrossEntropy.apply(user_vecs, item_vecs[:100], table, rows, weights, 1.0)
+    with pytest.raises(TypeError):
+        ListCrossEntropy.apply(user_vecs.double(), item_vecs, table, rows, weights, 1.0)
+    with pytest.raises(ValueError, match=r"\[b, d\]"):
+        ListCrossEntropy.apply(user_vecs[:, :5], item_vecs, table, rows, weights, 1.0)
