@@ -174,4 +174,6 @@ class ListCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         grad_users, grad_items = ctx.saved_tensors
+        if float(grad) == 1.0:  # the usual case, a loss added as is: no pass over the item table
+            return grad_users, grad_items, None, None, None, None
         return grad_users * grad, grad_items * grad, None, None, None, None
