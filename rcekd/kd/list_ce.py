@@ -10,8 +10,11 @@ Scoring each distinct item of a row once (RCE-KD's sample repeats about a third 
 not kept: on a Gowalla epoch it was no faster, as the pass's time is spread over its per-entry work
 (scores, exps, scatters, about a third each), not concentrated in the dot products.
 
-Rows are split into blocks over torch's thread count (:mod:`rcekd.kd.threads`); each block beyond the
-first scatters into its own item-gradient buffer, so no two threads write the same memory.
+It runs on one thread. Blocks of rows on two threads, each scattering into its own item-gradient
+buffer, were tried and not kept: on Gowalla's batches they were slower than one thread, because
+torch's OpenMP threads spin after each parallel op (the row gathers, the buffers' zeroing) on the
+cores the blocks need; only with ``OMP_WAIT_POLICY=PASSIVE`` did two blocks gain (1.4 s against
+2.3 s of kernel time an epoch), a process-wide setting whose cost to torch's own ops was not measured.
 """
 
 from __future__ import annotations
@@ -24,19 +27,18 @@ import numpy as np
 import torch
 
 from rcekd.kd.kernels import FASTMATH, FLOATS, as_numpy
-from rcekd.kd.threads import block_bounds, kernel_threads, run_blocks
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _list_ce_kernel(  # type: ignore[no-untyped-def]
-    user_vecs, item_vecs, items, targets, valid, bounds, weights, scale, grad_users, grad_items, first, stop
+    user_vecs, item_vecs, items, targets, valid, bounds, weights, scale, grad_users, grad_items
 ):
-    width = items.shape[1]
+    n_rows, width = items.shape
     dim = user_vecs.shape[1]
     scores = np.empty(width, dtype=user_vecs.dtype)
     coef = np.empty(width, dtype=user_vecs.dtype)
     total = 0.0
-    for r in range(first, stop):
+    for r in range(n_rows):
         for j in range(width):
             item = items[r, j]
             acc = user_vecs[r, 0] * 0  # zero of the vectors' dtype
@@ -147,29 +149,20 @@ class ListCrossEntropy(torch.autograd.Function):
             raise ValueError(f"weights must be [{rows.shape[0]}, {len(table.bounds) - 1}], got {tuple(weights.shape)}")
         grad_users = torch.zeros_like(user_vecs)
         grad_items = torch.zeros_like(item_vecs)
-        blocks = block_bounds(rows.shape[0], kernel_threads())
-        # block 0 scatters into grad_items, each other block into a buffer of its own
-        buffers = [grad_items, *(torch.zeros_like(item_vecs) for _ in blocks[1:])]
-        inputs = (  # the batch's rows, copied: a whole-row copy streams, where the kernel's reads would wait
+        total = _list_ce_kernel(
             as_numpy(user_vecs),
             as_numpy(item_vecs),
-            table.items.index_select(0, rows).numpy(),
+            table.items.index_select(0, rows).numpy(),  # the batch's rows: a whole-row copy streams
             table.targets.index_select(0, rows).to(user_vecs.dtype).numpy(),
             table.valid.index_select(0, rows).numpy(),
             np.asarray(table.bounds, dtype=np.int64),
             as_numpy(weights.to(user_vecs.dtype)),
             float(scale),
             grad_users.numpy(),
+            grad_items.numpy(),
         )
-        totals = run_blocks(  # (run_blocks may run them all as one block: the bounds follow its count)
-            _list_ce_kernel,
-            lambda b, n: (*inputs, buffers[b].numpy(), *block_bounds(rows.shape[0], n)[b]),
-            len(blocks),
-        )
-        for buffer in buffers[1:]:
-            grad_items += buffer
         ctx.save_for_backward(grad_users, grad_items)
-        return torch.tensor(sum(totals), dtype=user_vecs.dtype)
+        return torch.tensor(total, dtype=user_vecs.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
