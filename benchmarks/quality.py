@@ -246,8 +246,14 @@ def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
 
 
 def markdown(
-    name: str, table: dict[str, Any], test: dict[str, Any] | None, command: str, partial: bool = False, note: str = ""
+    name: str,
+    table: dict[str, Any],
+    test: dict[str, Any] | None,
+    command: str,
+    missing: list[tuple[str, int]] | None = None,
+    note: str = "",
 ) -> str:
+    """The results file's text; ``missing``: requested (variant, seed) runs that have not finished."""
     lines = [
         f"# KD quality: {name}",
         "",
@@ -284,8 +290,9 @@ def markdown(
         for variant, row in ablations.items():
             lines.append(f"| {variant} | {row['seeds']} | {row['mean_diff']:+.5f} | {row['below']} / {row['seeds']} |")
     lines += ["", f"Command: `{command}`", ""]
-    if partial:
-        lines += ["Partial: summarised with `--summarise-only` from the runs finished so far.", ""]
+    if missing:
+        runs = ", ".join(f"{variant} seed {seed}" for variant, seed in missing)
+        lines += [f"Partial: {len(missing)} requested runs have not finished ({runs}).", ""]
     return "\n".join(lines)
 
 
@@ -360,6 +367,8 @@ def main() -> None:
             )
     table = summarise(runs, args.variants)
     test = significance(table)
+    done = {(run["variant"], run["seed"]) for run in runs}
+    missing = [(variant, seed) for seed in args.seeds for variant in args.variants if (variant, seed) not in done]
     command = "python -m benchmarks.quality " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
@@ -370,9 +379,9 @@ def main() -> None:
     write_results(
         f"quality_{args.name}",
         {"settings": vars(args), "table": table, "significance": test, "variants": against_full(table), "runs": runs},
-        markdown(args.name, table, test, command, args.summarise_only, args.note),
+        markdown(args.name, table, test, command, missing, args.note),
     )
-    print(markdown(args.name, table, test, command, args.summarise_only, args.note))
+    print(markdown(args.name, table, test, command, missing, args.note))
 
 
 if __name__ == "__main__":

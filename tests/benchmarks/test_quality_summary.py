@@ -62,6 +62,15 @@ def test_variants_are_compared_with_the_full_method_on_shared_seeds() -> None:
     assert result["rcekd:gamma_mode=sampled"]["below"] == 1
 
 
+def test_the_results_file_says_which_requested_runs_are_missing() -> None:
+    runs = [_run("none", s, 0.01) for s in range(2)] + [_run("rcekd", 0, 0.02)]
+    table = summarise(runs, ["none", "rcekd"])
+    complete = quality.markdown("x", table, significance(table), "cmd", [], "")
+    assert "Partial" not in complete and "| rcekd | 1 |" in complete
+    partial = quality.markdown("x", table, significance(table), "cmd", [("rcekd", 1)], "")
+    assert "Partial: 1 requested runs have not finished (rcekd seed 1)." in partial
+
+
 def _settings(**changes: object) -> dict:
     settings = {key: 1 for key in SAME_BUDGET} | {"teacher": "runs/teachers/t", "seeds": [0, 1]}
     return settings | changes
