@@ -50,8 +50,7 @@ class VanillaCE(Distiller):
             return super().loss(batch, student)
         users, weights = self.batch_user_weights(batch, student)
         if self.table is None:  # Q_T and its targets never change: checked once
-            valid = torch.ones_like(self.teacher_top, dtype=torch.bool)
-            n_items = student.item_vectors().shape[0]
             top, targets = self.teacher_top.cpu(), self.targets.cpu()
-            self.table = ListTable.of(top, targets, valid.cpu(), (0, top.shape[1]), n_items)
+            valid = torch.ones_like(top, dtype=torch.bool)
+            self.table = ListTable.of(top, targets, valid, (0, top.shape[1]), student.item_vectors().shape[0])
         return list_cross_entropy(student, users, self.table, weights, 1.0 / self.tau)
