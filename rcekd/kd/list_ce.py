@@ -6,15 +6,17 @@ lists are a per-epoch :class:`ListTable`, checked once (ids in range, shapes, dt
 the ~23 batches a Gowalla user's term is computed in an epoch; a batch passes the indices of the table
 rows it needs, and only those are checked.
 
+Within each segment the entries that count come first (:meth:`ListTable.of` moves them there once an
+epoch), so the pass runs over them with no mask to test and no work on the others: on Gowalla's
+RCE-KD lists that made it ~25% faster than a masked pass over every column.
+
 Scoring each distinct item of a row once (RCE-KD's sample repeats about a third of Q_S) was tried and
 not kept: on a Gowalla epoch it was no faster, as the pass's time is spread over its per-entry work
-(scores, exps, scatters, about a third each), not concentrated in the dot products.
+(scores, exps, scatters), not concentrated in the dot products.
 
-It runs on one thread. Blocks of rows on two threads, each scattering into its own item-gradient
-buffer, were tried and not kept: on Gowalla's batches they were slower than one thread, because
-torch's OpenMP threads spin after each parallel op (the row gathers, the buffers' zeroing) on the
-cores the blocks need; only with ``OMP_WAIT_POLICY=PASSIVE`` did two blocks gain (1.4 s against
-2.3 s of kernel time an epoch), a process-wide setting whose cost to torch's own ops was not measured.
+Rows go in blocks on torch's thread count (:mod:`rcekd.kd.threads`), each block scattering into its
+own item-gradient buffer. The blocks gain only when torch's OpenMP workers are not busy-waiting on
+the core a block needs after torch's own parallel ops: see ``GOMP_SPINCOUNT`` in :mod:`rcekd`.
 """
 
 from __future__ import annotations
@@ -27,53 +29,53 @@ import numpy as np
 import torch
 
 from rcekd.kd.kernels import FASTMATH, FLOATS, as_numpy
+from rcekd.kd.threads import block_bounds, kernel_threads, run_blocks
+
+#: batches with fewer distinct users run in one block
+BLOCK_ROWS = 256
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _list_ce_kernel(  # type: ignore[no-untyped-def]
-    user_vecs, item_vecs, items, targets, valid, bounds, weights, scale, grad_users, grad_items
+    user_vecs, item_vecs, items, targets, ends, starts, weights, scale, grad_users, grad_items
 ):
     n_rows, width = items.shape
     dim = user_vecs.shape[1]
+    n_segments = starts.shape[0]
     scores = np.empty(width, dtype=user_vecs.dtype)
     coef = np.empty(width, dtype=user_vecs.dtype)
     total = 0.0
     for r in range(n_rows):
-        for j in range(width):
-            item = items[r, j]
-            acc = user_vecs[r, 0] * 0  # zero of the vectors' dtype
-            for k in range(dim):
-                acc += user_vecs[r, k] * item_vecs[item, k]
-            scores[j] = acc * scale
-        for q in range(bounds.shape[0] - 1):  # one soft cross-entropy a segment of the list
-            lo, hi = bounds[q], bounds[q + 1]
-            top = user_vecs[r, 0] * 0  # of the vectors' dtype: float32 exps are ~2× cheaper than float64 ones
-            seen = False
-            for j in range(lo, hi):
-                coef[j] = 0
-                if valid[r, j] and (not seen or scores[j] > top):
-                    top = scores[j]
-                    seen = True
-            if not seen:  # no valid entry: no term
+        for q in range(n_segments):  # a segment's entries that count come first: no mask to test
+            for j in range(starts[q], ends[r, q]):
+                item = items[r, j]
+                acc = user_vecs[r, 0] * 0  # zero of the vectors' dtype
+                for k in range(dim):
+                    acc += user_vecs[r, k] * item_vecs[item, k]
+                scores[j] = acc * scale
+        for q in range(n_segments):  # one soft cross-entropy a segment
+            lo, hi = starts[q], ends[r, q]
+            if hi <= lo:  # no entry: no term
                 continue
-            sum_exp = top * 0
+            top = scores[lo]
+            for j in range(lo + 1, hi):
+                top = max(top, scores[j])
+            sum_exp = top * 0  # float32 exps are ~2× cheaper than float64 ones
             mass = 0.0
             dot = 0.0
             for j in range(lo, hi):
-                if valid[r, j]:
-                    coef[j] = np.exp(scores[j] - top)  # kept: the softmax below reuses it
-                    sum_exp += coef[j]
-                    mass += targets[r, j]
-                    dot += targets[r, j] * scores[j]
+                coef[j] = np.exp(scores[j] - top)  # kept: the softmax below reuses it
+                sum_exp += coef[j]
+                mass += targets[r, j]
+                dot += targets[r, j] * scores[j]
             weight = weights[r, q]
             total += weight * (mass * (top + np.log(sum_exp)) - dot)  # −Σ t_j log softmax(s)_j
             factor = weight * scale * mass / sum_exp
-            for j in range(lo, hi):
-                if valid[r, j]:  # d/ds_j = mass · softmax_j − t_j, times the chain's scale
-                    coef[j] = factor * coef[j] - weight * scale * targets[r, j]
-        for j in range(width):
-            g = coef[j]
-            if g != 0:
+            for j in range(lo, hi):  # d/ds_j = mass · softmax_j − t_j, times the chain's scale
+                coef[j] = factor * coef[j] - weight * scale * targets[r, j]
+        for q in range(n_segments):
+            for j in range(starts[q], ends[r, q]):
+                g = coef[j]
                 item = items[r, j]
                 for k in range(dim):
                     grad_users[r, k] += g * item_vecs[item, k]
@@ -81,14 +83,32 @@ def _list_ce_kernel(  # type: ignore[no-untyped-def]
     return total
 
 
-class ListTable(NamedTuple):
-    """Each user's list of item ids (int64[n, w]), the fixed teacher side on it (float[n, w], rows
-    summing to 1 a segment, or 0) and a bool mask of the entries that count, with the segments'
-    column limits ``(0, ..., w)``: built once an epoch by :meth:`of`, which checks it."""
+@numba.njit(cache=True, nogil=True)
+def _compact_kernel(items, targets, valid, bounds, out_items, out_targets, ends):  # type: ignore[no-untyped-def]
+    """Each segment's valid entries first, in their order; the rest of it id 0 and target 0."""
+    for r in range(items.shape[0]):
+        for q in range(bounds.shape[0] - 1):
+            end = bounds[q]
+            for j in range(bounds[q], bounds[q + 1]):
+                if valid[r, j]:
+                    out_items[r, end] = items[r, j]
+                    out_targets[r, end] = targets[r, j]
+                    end += 1
+            ends[r, q] = end
+            for j in range(end, bounds[q + 1]):
+                out_items[r, j] = 0
+                out_targets[r, j] = 0
 
-    items: torch.Tensor
-    targets: torch.Tensor
-    valid: torch.Tensor
+
+class ListTable(NamedTuple):
+    """Each user's list of item ids, the fixed teacher side on it (rows summing to 1 a segment, or 0)
+    and the segments' column limits ``bounds = (0, ..., w)``, built once an epoch by :meth:`of`, which
+    checks it. Within a segment the entries that count come first, up to ``ends[r, q]``: the kernel
+    runs over them with no mask to test (about a quarter of RCE-KD's A_u entries do not count)."""
+
+    items: torch.Tensor  # int32[n, w]: half the bytes of int64 to copy a batch
+    targets: torch.Tensor  # float[n, w], 0 past each segment's end
+    ends: torch.Tensor  # int32[n, segments]
     bounds: tuple[int, ...]
     n_items: int
 
@@ -96,6 +116,7 @@ class ListTable(NamedTuple):
     def of(
         cls, items: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, bounds: tuple[int, ...], n_items: int
     ) -> ListTable:
+        """The table of ``items`` (int64[n, w]) with ``targets`` on the entries where ``valid``."""
         if items.device.type != "cpu" or targets.device.type != "cpu" or valid.device.type != "cpu":
             raise ValueError("list tables live on the CPU")
         if items.dtype != torch.int64 or items.dim() != 2:
@@ -107,9 +128,37 @@ class ListTable(NamedTuple):
         width = items.shape[1]
         if not bounds or bounds[0] != 0 or bounds[-1] != width or any(b > c for b, c in pairwise(bounds)):
             raise ValueError(f"segment bounds must rise from 0 to {width}, got {bounds}")
+        if not 0 < n_items < 2**31:
+            raise ValueError(f"need 0 < n_items < 2**31, got {n_items}")
         if items.numel() and (int(items.min()) < 0 or int(items.max()) >= n_items):
             raise IndexError(f"item ids must lie in [0, {n_items})")
-        return cls(items.contiguous(), targets.contiguous(), valid.contiguous(), tuple(bounds), n_items)
+        table = cls(
+            torch.empty(items.shape, dtype=torch.int32),
+            torch.empty_like(targets, memory_format=torch.contiguous_format),
+            torch.empty(items.shape[0], len(bounds) - 1, dtype=torch.int32),
+            tuple(bounds),
+            n_items,
+        )
+        if items.numel():
+            _compact_kernel(
+                as_numpy(items),
+                as_numpy(targets),
+                as_numpy(valid),
+                np.asarray(bounds, dtype=np.int64),
+                table.items.numpy(),
+                table.targets.numpy(),
+                table.ends.numpy(),
+            )
+        else:
+            table.ends.copy_(torch.tensor(bounds[:-1], dtype=torch.int32).expand_as(table.ends))
+        return table
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """bool[n, w]: the entries that count (each segment's first ``ends - start`` columns)."""
+        columns = torch.arange(self.items.shape[1])
+        segment = torch.bucketize(columns, torch.tensor(self.bounds[1:-1]), right=True)
+        return columns < self.ends.long()[:, segment]
 
 
 class ListCrossEntropy(torch.autograd.Function):
@@ -147,20 +196,7 @@ class ListCrossEntropy(torch.autograd.Function):
             raise IndexError(f"rows must lie in [0, {table.items.shape[0]})")
         if weights.shape != (rows.shape[0], len(table.bounds) - 1):
             raise ValueError(f"weights must be [{rows.shape[0]}, {len(table.bounds) - 1}], got {tuple(weights.shape)}")
-        grad_users = torch.zeros_like(user_vecs)
-        grad_items = torch.zeros_like(item_vecs)
-        total = _list_ce_kernel(
-            as_numpy(user_vecs),
-            as_numpy(item_vecs),
-            table.items.index_select(0, rows).numpy(),  # the batch's rows: a whole-row copy streams
-            table.targets.index_select(0, rows).to(user_vecs.dtype).numpy(),
-            table.valid.index_select(0, rows).numpy(),
-            np.asarray(table.bounds, dtype=np.int64),
-            as_numpy(weights.to(user_vecs.dtype)),
-            float(scale),
-            grad_users.numpy(),
-            grad_items.numpy(),
-        )
+        grad_users, grad_items, total = _run_kernel(user_vecs, item_vecs, table, rows, weights, scale)
         ctx.save_for_backward(grad_users, grad_items)
         return torch.tensor(total, dtype=user_vecs.dtype)
 
@@ -170,3 +206,45 @@ class ListCrossEntropy(torch.autograd.Function):
         if float(grad) == 1.0:  # the usual case, a loss added as is: no pass over the item table
             return grad_users, grad_items, None, None, None, None
         return grad_users * grad, grad_items * grad, None, None, None, None
+
+
+def _run_kernel(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    table: ListTable,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(grad_users, grad_items, loss) of :class:`ListCrossEntropy` on checked inputs, rows in blocks
+    on torch's thread count, each block scattering into its own item-gradient buffer."""
+    users_np, items_np = user_vecs.numpy(), item_vecs.numpy()
+    lists = table.items.index_select(0, rows).numpy()  # the batch's rows: a whole-row copy streams
+    targets = table.targets.index_select(0, rows).to(user_vecs.dtype).numpy()
+    ends = table.ends.index_select(0, rows).numpy()
+    starts = np.asarray(table.bounds[:-1], dtype=np.int64)
+    weights_np = as_numpy(weights.to(user_vecs.dtype))
+    grad_users = torch.zeros_like(user_vecs)
+    blocks = block_bounds(rows.shape[0], kernel_threads() if rows.shape[0] >= BLOCK_ROWS else 1)
+    item_buffers = [torch.zeros_like(item_vecs) for _ in blocks]
+
+    def block_args(b: int, _: int) -> tuple[Any, ...]:
+        part = slice(*blocks[b])
+        return (
+            users_np[part],
+            items_np,
+            lists[part],
+            targets[part],
+            ends[part],
+            starts,
+            weights_np[part],
+            float(scale),
+            grad_users.numpy()[part],
+            item_buffers[b].numpy(),
+        )
+
+    total = sum(run_blocks(_list_ce_kernel, block_args, len(blocks)))
+    grad_items = item_buffers[0]
+    for other in item_buffers[1:]:
+        grad_items += other
+    return grad_users, grad_items, float(total)

@@ -26,7 +26,8 @@ def _plain_list_ce(user_vecs, item_vecs, items, targets, valid, bounds, weights,
     return total
 
 
-def _table(dtype: torch.dtype, n_users: int = 40, width: int = 12, bounds: tuple[int, ...] = (0, 5, 12)) -> ListTable:
+def _lists(dtype: torch.dtype, n_users: int = 40, width: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(items, targets, valid) as a distiller hands them over, invalid entries scattered among the valid."""
     generator = torch.Generator().manual_seed(3)
     items = torch.randint(0, N_ITEMS, (n_users, width), generator=generator)
     items[0] = 3  # one row repeats an item everywhere: each entry still contributes on its own
@@ -35,12 +36,17 @@ def _table(dtype: torch.dtype, n_users: int = 40, width: int = 12, bounds: tuple
     valid[1, 5:] = False  # row 1: its second segment has no valid entry
     valid[4] = False  # row 4: nothing valid at all
     targets = torch.softmax(torch.randn(items.shape, generator=generator, dtype=dtype), 1) * valid
-    return ListTable.of(items, targets, valid, bounds, N_ITEMS)
+    return items, targets, valid
+
+
+def _table(dtype: torch.dtype, bounds: tuple[int, ...] = (0, 5, 12)) -> ListTable:
+    return ListTable.of(*_lists(dtype), bounds, N_ITEMS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_list_cross_entropy_equals_plain_torch_on_the_rows_it_is_given(dtype: torch.dtype) -> None:
-    table = _table(dtype)
+    items, targets, valid = _lists(dtype)
+    table = ListTable.of(items, targets, valid, (0, 5, 12), N_ITEMS)
     generator = torch.Generator().manual_seed(5)
     rows = torch.tensor([2, 0, 1, 4, 7, 39, 12, 3, 30])  # a batch's users, in no particular order
     user_vecs = torch.randn(rows.shape[0], 20, generator=generator, dtype=dtype)
@@ -49,17 +55,56 @@ def test_list_cross_entropy_equals_plain_torch_on_the_rows_it_is_given(dtype: to
     fused_inputs = [user_vecs.clone().requires_grad_(), item_vecs.clone().requires_grad_()]
     plain_inputs = [user_vecs.clone().requires_grad_(), item_vecs.clone().requires_grad_()]
     fused = ListCrossEntropy.apply(*fused_inputs, table, rows, weights, 0.7)
-    plain = _plain_list_ce(
-        *plain_inputs, table.items[rows], table.targets[rows], table.valid[rows], table.bounds, weights, 0.7
-    )
+    plain = _plain_list_ce(*plain_inputs, items[rows], targets[rows], valid[rows], table.bounds, weights, 0.7)
     (2.5 * fused).backward()
     (2.5 * plain).backward()
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
     torch.testing.assert_close(fused.detach(), plain.detach(), **tolerance)
     for got, expected in zip(fused_inputs, plain_inputs, strict=True):
         torch.testing.assert_close(got.grad, expected.grad, **tolerance)
-    assert fused_inputs[1].grad[table.items[rows[0]]].abs().sum() > 0  # the repeated item's gradient arrived
+    assert fused_inputs[1].grad[items[rows[0]]].abs().sum() > 0  # the repeated item's gradient arrived
     assert fused_inputs[0].grad[3].abs().sum() == 0  # row 4 (nothing valid) gets no gradient
+
+
+def test_row_blocks_on_several_threads_give_the_one_thread_sums() -> None:
+    items, targets, valid = _lists(torch.float64, n_users=700, width=12)
+    table = ListTable.of(items, targets, valid, (0, 5, 12), N_ITEMS)
+    generator = torch.Generator().manual_seed(8)
+    rows = torch.randperm(700, generator=generator)[:600]  # above BLOCK_ROWS: split when threads allow
+    user_vecs = torch.randn(600, 8, generator=generator, dtype=torch.float64)
+    item_vecs = torch.randn(N_ITEMS, 8, generator=generator, dtype=torch.float64)
+    weights = torch.rand(600, 2, generator=generator, dtype=torch.float64)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            inputs = [user_vecs.clone().requires_grad_(), item_vecs.clone().requires_grad_()]
+            ListCrossEntropy.apply(*inputs, table, rows, weights, 1.0).backward()
+            results.append([inputs[0].grad, inputs[1].grad])
+    finally:
+        torch.set_num_threads(threads)
+    plain_inputs = [user_vecs.clone().requires_grad_(), item_vecs.clone().requires_grad_()]
+    _plain_list_ce(*plain_inputs, items[rows], targets[rows], valid[rows], (0, 5, 12), weights, 1.0).backward()
+    for got in results:
+        for grad, expected in zip(got, plain_inputs, strict=True):
+            torch.testing.assert_close(grad, expected.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_a_table_puts_the_entries_that_count_first_in_each_segment_in_their_order() -> None:
+    items, targets, valid = _lists(torch.float64)
+    table = ListTable.of(items, targets, valid, (0, 5, 12), N_ITEMS)
+    assert table.items.dtype == torch.int32 and table.ends.dtype == torch.int32
+    counts = torch.stack([valid[:, :5].sum(1), valid[:, 5:].sum(1)], 1)
+    assert torch.equal(table.ends.long() - torch.tensor([0, 5]), counts)
+    assert torch.equal(table.valid.sum(1), valid.sum(1))
+    for row in (0, 1, 2, 4, 17):
+        for lo, hi in ((0, 5), (5, 12)):
+            kept = valid[row, lo:hi]
+            assert torch.equal(table.items[row, lo:hi][table.valid[row, lo:hi]].long(), items[row, lo:hi][kept])
+            assert torch.equal(table.targets[row, lo:hi][table.valid[row, lo:hi]], targets[row, lo:hi][kept])
+    assert not table.targets[~table.valid].any()  # past a segment's end nothing counts
+    assert not table.valid[4].any() and not table.valid[1, 5:].any()
 
 
 def test_a_table_is_checked_once_when_built() -> None:
