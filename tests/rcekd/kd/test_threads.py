@@ -10,6 +10,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from rcekd.kd.kernels import list_scores
+from rcekd.kd.list_ce import ListCrossEntropy, ListTable
 from rcekd.kd.threads import block_bounds, run_blocks, single_torch_thread
 from rcekd.kd.topk import row_topk, topk_items
 
@@ -38,6 +40,30 @@ def test_topk_items_on_threads_equals_one_thread(with_exclude: bool) -> None:
     finally:
         torch.set_num_threads(before)
     assert torch.equal(threaded, single)
+
+
+def test_list_kernels_on_threads_equal_one_thread(torch_threads: None) -> None:
+    """Teacher scores (rows split in blocks) are the same numbers; the fused list CE's item gradient,
+    summed from a buffer a block, equals the one-block one up to the order of the float sums."""
+    generator = torch.Generator().manual_seed(2)
+    user_vecs, item_vecs = torch.randn(900, 300, generator=generator), torch.randn(500, 300, generator=generator)
+    items = torch.randint(0, 500, (900, 40), generator=generator)
+    valid = torch.rand(items.shape, generator=generator) > 0.2
+    table = ListTable.of(items, torch.rand(items.shape, generator=generator), valid, (0, 10, 40), 500)
+    weights = torch.rand(900, 2, generator=generator)
+    rows = torch.randperm(900, generator=generator)
+    outputs = []
+    for count in (3, 1):
+        torch.set_num_threads(count)
+        inputs = [user_vecs.clone().requires_grad_(), item_vecs.clone().requires_grad_()]
+        loss = ListCrossEntropy.apply(inputs[0], inputs[1], table, rows, weights, 0.1)
+        loss.backward()
+        outputs.append((list_scores(user_vecs, item_vecs, items), loss.detach(), inputs[0].grad, inputs[1].grad))
+    (scores, loss, grad_users, grad_items), single = outputs
+    assert torch.equal(scores, single[0])  # the fixture puts the count back afterwards
+    torch.testing.assert_close(loss, single[1])
+    assert torch.equal(grad_users, single[2])  # each user row is one block's
+    torch.testing.assert_close(grad_items, single[3])
 
 
 def odd_rows() -> torch.Tensor:
