@@ -18,7 +18,7 @@ from scipy import stats
 
 from rcekd.data import Dataset
 from rcekd.kd.kernels import FLOATS
-from rcekd.kd.topk import row_topk
+from rcekd.kd.topk import row_topk, topk_items
 
 PROTOCOLS = ("strict", "paper")
 #: scores held per chunk (float32): 2**25 → 128 MiB, a good trade-off of speed and memory
@@ -62,14 +62,9 @@ def ranking_metrics(
     paired significance tests.
     """
     device = torch.device(device)
-    truth = dataset.csr(split)
     mask = mask_matrix(dataset, split, protocol)
-    evaluated = np.flatnonzero(np.diff(truth.indptr) > 0)
-    max_k = max(ks)
-    discounts = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64))
-    ideal_prefix = torch.cat([torch.zeros(1, dtype=torch.float64), discounts.cumsum(0)])
-    results: dict[str, list[torch.Tensor]] = {f"{m}@{k}": [] for k in ks for m in ("recall", "ndcg")}
-
+    evaluated = evaluated_users(dataset, split)
+    tops = []
     chunk = max(1, CHUNK_SCORES // max(dataset.n_items, 1))
     for start in range(0, len(evaluated), chunk):
         users_np = evaluated[start : start + chunk]
@@ -80,21 +75,45 @@ def ranking_metrics(
             raise ValueError(f"score_fn returned {tuple(scores.shape)}, expected ({len(users_np)}, n_items)")
         rows, cols = _csr_rows_to_coords(mask, users_np)
         scores[rows.to(device), cols.to(device)] = -torch.inf
-        top = _top_columns(scores, max_k)
+        tops.append(_top_columns(scores, max(ks)))
+    top = torch.cat(tops) if tops else torch.zeros(0, max(ks), dtype=torch.int64)
+    return metrics_of_top(top, dataset, split, ks, per_user)
 
-        t_rows, t_cols = _csr_rows_to_coords(truth, users_np)
-        relevant = torch.zeros(len(users_np), dataset.n_items, dtype=torch.bool)
-        relevant[t_rows, t_cols] = True
-        hits = relevant.gather(1, top).double()
-        n_relevant = torch.from_numpy(np.diff(truth.indptr)[users_np]).double()
-        for k in ks:
-            hits_k = hits[:, :k]
-            results[f"recall@{k}"].append(hits_k.sum(1) / n_relevant)
-            dcg = (hits_k * discounts[:k]).sum(1)
-            idcg = ideal_prefix[n_relevant.clamp(max=k).long()]
-            results[f"ndcg@{k}"].append(dcg / idcg)
 
-    merged = {name: torch.cat(values).numpy() if values else np.zeros(0) for name, values in results.items()}
+def evaluated_users(dataset: Dataset, split: str) -> np.ndarray:
+    """The users whose ``split`` is non-empty, in id order: the rows a ranking is evaluated on."""
+    return np.flatnonzero(np.diff(dataset.csr(split).indptr) > 0)
+
+
+def metrics_of_top(
+    top: torch.Tensor, dataset: Dataset, split: str, ks: Sequence[int] = (10, 20), per_user: bool = False
+) -> dict[str, float] | dict[str, np.ndarray]:
+    """Recall@K / NDCG@K of ``top`` (int64[n, ≥ max K], row r the ranked items of the r-th user of
+    :func:`evaluated_users`), its hits looked up among the split's (user, item) pairs (no users ×
+    items matrix)."""
+    truth = dataset.csr(split)
+    evaluated = evaluated_users(dataset, split)
+    max_k = max(ks)
+    if top.shape != (len(evaluated), top.shape[1]) or top.shape[1] < max_k:
+        raise ValueError(
+            f"need a top list of ≥ {max_k} items for each of the {len(evaluated)} users, got {tuple(top.shape)}"
+        )
+    discounts = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64))
+    ideal_prefix = torch.cat([torch.zeros(1, dtype=torch.float64), discounts.cumsum(0)])
+    # (user, item) → one int64 key; the split's keys sorted, the top lists' keys searched in them
+    coo = truth.tocoo()
+    truth_keys = np.sort(coo.row.astype(np.int64) * dataset.n_items + coo.col)
+    keys = evaluated[:, None].astype(np.int64) * dataset.n_items + top[:, :max_k].numpy()
+    at = np.searchsorted(truth_keys, keys).clip(max=max(len(truth_keys) - 1, 0))
+    hits = torch.from_numpy(truth_keys[at] == keys if len(truth_keys) else np.zeros(keys.shape, bool)).double()
+    n_relevant = torch.from_numpy(np.diff(truth.indptr)[evaluated]).double()
+    merged: dict[str, np.ndarray] = {}
+    for k in ks:
+        hits_k = hits[:, :k]
+        merged[f"recall@{k}"] = (hits_k.sum(1) / n_relevant).numpy()
+        dcg = (hits_k * discounts[:k]).sum(1)
+        merged[f"ndcg@{k}"] = (dcg / ideal_prefix[n_relevant.clamp(max=k).long()]).numpy()
+    merged = {name: merged[name] for name in (f"{m}@{k}" for k in ks for m in ("recall", "ndcg"))}
     if per_user:
         return {**merged, "users": evaluated}
     return {name: float(values.mean()) if len(values) else 0.0 for name, values in merged.items()}
@@ -118,12 +137,20 @@ def evaluate_model(
     protocol: str = "strict",
     ks: Sequence[int] = (10, 20),
 ) -> dict[str, float]:
-    """Evaluate a :class:`~rcekd.models.base.Recommender`: its vectors are computed once, then chunked."""
+    """Evaluate a :class:`~rcekd.models.base.Recommender`: its vectors are computed once; on CPU the
+    evaluated users are ranked by :func:`rcekd.kd.topk.topk_items` (small cache-sized chunks, blocks
+    of users on torch's threads: ~3× faster on Gowalla than scoring 800-user chunks), elsewhere in
+    chunks of scores by :func:`ranking_metrics`. Both give the same top lists."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             user_vecs, item_vecs = model.all_vectors()
+        if user_vecs.device.type == "cpu" and user_vecs.dtype in FLOATS and item_vecs.dtype == user_vecs.dtype:
+            users = evaluated_users(dataset, split)
+            mask = mask_matrix(dataset, split, protocol)[users]
+            top = topk_items(user_vecs[torch.from_numpy(users)], item_vecs, max(ks), exclude=mask)
+            return metrics_of_top(top, dataset, split, ks)  # type: ignore[return-value]
         result = ranking_metrics(
             lambda users: user_vecs[users] @ item_vecs.T, dataset, split, protocol, ks, user_vecs.device
         )

@@ -11,7 +11,14 @@ from scipy import stats
 
 import rcekd.metrics
 from rcekd.data import Dataset, Interactions
-from rcekd.metrics import mask_matrix, paired_t_test, ranking_metrics
+from rcekd.metrics import (
+    evaluate_model,
+    evaluated_users,
+    mask_matrix,
+    metrics_of_top,
+    paired_t_test,
+    ranking_metrics,
+)
 
 N_USERS, N_ITEMS = 37, 50
 
@@ -187,3 +194,35 @@ def test_paired_t_test_is_one_sided() -> None:
 def test_paired_t_test_needs_two_equal_length_samples(a: list[float], b: list[float]) -> None:
     with pytest.raises(ValueError, match="equal-length"):
         paired_t_test(a, b)
+
+
+class _VectorModel(torch.nn.Module):
+    """A model whose scores are given: user vectors = the score rows, item vectors = the identity."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__()
+        self.scores = scores
+
+    def all_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scores, torch.eye(self.scores.shape[1])
+
+
+@pytest.mark.parametrize("protocol", ["strict", "paper"])
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_evaluate_model_ranks_through_topk_items_and_matches_the_reference(
+    random_dataset: Dataset, random_scores: torch.Tensor, split: str, protocol: str
+) -> None:
+    got = evaluate_model(_VectorModel(random_scores), random_dataset, split, protocol, ks=(5, 10))
+    for k in (5, 10):
+        _, recalls, ndcgs = reference_metrics(random_scores, random_dataset, split, protocol, k)
+        assert got[f"recall@{k}"] == pytest.approx(np.mean(recalls), abs=1e-12)
+        assert got[f"ndcg@{k}"] == pytest.approx(np.mean(ndcgs), abs=1e-12)
+    assert got == ranking_metrics(lambda users: random_scores[users], random_dataset, split, protocol, ks=(5, 10))
+
+
+def test_metrics_of_top_refuses_lists_that_do_not_fit(random_dataset: Dataset) -> None:
+    n_evaluated = len(evaluated_users(random_dataset, "test"))
+    with pytest.raises(ValueError, match="top list"):
+        metrics_of_top(torch.zeros(n_evaluated, 4, dtype=torch.int64), random_dataset, "test", ks=(5,))
+    with pytest.raises(ValueError, match="top list"):
+        metrics_of_top(torch.zeros(n_evaluated + 1, 5, dtype=torch.int64), random_dataset, "test", ks=(5,))
