@@ -45,6 +45,18 @@ def test_summary_means_and_paired_test_against_the_best_other_method() -> None:
     assert result["p"] < 0.05 and result["mean_diff"] == pytest.approx(0.0042)
 
 
+def test_a_tuned_target_is_tested_against_every_other_method_s_best_configuration() -> None:
+    runs = [_run("cd", s, 0.017) for s in range(4)]
+    runs += [_run("cd:weight=2", s, 0.018 + 0.0001 * s) for s in range(4)]  # another method's tuned λ: a competitor
+    runs += [_run("rcekd", s, 0.025) for s in range(4)]  # the target's own method, untuned: not one
+    runs += [_run("rcekd:weight=125", s, 0.019 + 0.0003 * s) for s in range(4)]
+    table = summarise(runs, ["cd", "cd:weight=2", "rcekd", "rcekd:weight=125"])
+    result = significance(table, "rcekd:weight=125")
+    assert result is not None and result["target"] == "rcekd:weight=125" and result["against"] == "cd:weight=2"
+    assert result["mean_diff"] == pytest.approx(0.0013)
+    assert significance(table)["against"] == "cd:weight=2"  # the default target, rcekd, meets it too
+
+
 def test_no_significance_claim_when_the_target_is_worse() -> None:
     runs = [_run("rrd", s, 0.02 + 0.001 * s) for s in range(3)] + [_run("rcekd", s, 0.01) for s in range(3)]
     result = significance(summarise(runs, ["rrd", "rcekd"]))
