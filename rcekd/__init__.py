@@ -6,7 +6,7 @@ OpenMP workers busy-wait for the next one, by default for a few milliseconds; th
 (:mod:`rcekd.kd.list_ce`, :mod:`rcekd.kd.topk`) run a block of rows on the other core right after
 torch's ops, and a worker spinning there takes half of it. At 20 000 spins torch's own back-to-back
 ops are as fast as before (the student alone's Gowalla epoch: 1.17 s against 1.20 s) and RCE-KD's
-epoch falls from 5.98 s to 4.52 s (measured with ``benchmarks/train_cost.py``).
+epoch falls from 5.98 s to 4.52 s (an ad-hoc ``benchmarks/train_cost.py`` run, not committed).
 """
 
 import os
