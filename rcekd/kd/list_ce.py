@@ -14,9 +14,11 @@ Scoring each distinct item of a row once (RCE-KD's sample repeats about a third 
 not kept: on a Gowalla epoch it was no faster, as the pass's time is spread over its per-entry work
 (scores, exps, scatters), not concentrated in the dot products.
 
-Rows go in blocks on torch's thread count (:mod:`rcekd.kd.threads`), each block scattering into its
-own item-gradient buffer. The blocks gain only when torch's OpenMP workers are not busy-waiting on
-the core a block needs after torch's own parallel ops: see ``GOMP_SPINCOUNT`` in :mod:`rcekd`.
+Rows go in blocks on torch's thread count (:mod:`rcekd.kd.threads`); the item gradient then goes in
+blocks of item ids, each block adding its items' terms in row order into the one output, so the
+gradients are the same numbers on any thread count and a run reproduces on another machine's core
+count. The blocks gain only when torch's OpenMP workers are not busy-waiting on the core a block
+needs after torch's own parallel ops: see ``GOMP_SPINCOUNT`` in :mod:`rcekd`.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ BLOCK_ROWS = 256
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _list_ce_kernel(  # type: ignore[no-untyped-def]
-    user_vecs, item_vecs, items, targets, ends, starts, weights, scale, grad_users, grad_items
+    user_vecs, item_vecs, items, targets, ends, starts, weights, scale, grad_users, grad_scores
 ):
+    """The loss of rows' lists, each user's gradient, and each entry's d loss / d score (into
+    ``grad_scores``, for :func:`_scatter_items_kernel`): one pass while a row's item rows are in cache."""
     n_rows, width = items.shape
     dim = user_vecs.shape[1]
     n_segments = starts.shape[0]
@@ -76,11 +80,30 @@ def _list_ce_kernel(  # type: ignore[no-untyped-def]
         for q in range(n_segments):
             for j in range(starts[q], ends[r, q]):
                 g = coef[j]
+                grad_scores[r, j] = g
                 item = items[r, j]
                 for k in range(dim):
                     grad_users[r, k] += g * item_vecs[item, k]
-                    grad_items[item, k] += g * user_vecs[r, k]
     return total
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _scatter_items_kernel(user_vecs, items, ends, starts, grad_scores, grad_items, lo, hi):  # type: ignore[no-untyped-def]
+    """grad_items[i] = Σ grad_scores[r, j] · user_vecs[r] over the entries with items[r, j] = i, for
+    the items lo..hi-1 only (zeroed first): blocks own disjoint item ranges, so they share one output
+    and each item's sum runs in row order whatever the block count (the same rounding on any threads)."""
+    dim = user_vecs.shape[1]
+    for i in range(lo, hi):
+        for k in range(dim):
+            grad_items[i, k] = 0
+    for r in range(items.shape[0]):
+        for q in range(starts.shape[0]):
+            for j in range(starts[q], ends[r, q]):
+                item = items[r, j]
+                if lo <= item < hi:
+                    g = grad_scores[r, j]
+                    for k in range(dim):
+                        grad_items[item, k] += g * user_vecs[r, k]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -216,8 +239,13 @@ def _run_kernel(
     weights: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(grad_users, grad_items, loss) of :class:`ListCrossEntropy` on checked inputs, rows in blocks
-    on torch's thread count, each block scattering into its own item-gradient buffer."""
+    """(grad_users, grad_items, loss) of :class:`ListCrossEntropy` on checked inputs: rows in blocks
+    on torch's thread count, then the item gradient in blocks of item ids, all writing one output.
+
+    The former layout, one item-gradient buffer a row block summed after, rounded differently on each
+    thread count; this one gives the same numbers on any. On Gowalla epochs the two took the same
+    time within this machine's noise (alternating runs of ``benchmarks.epoch_profile``: 2.3–2.8 s
+    against 2.4–2.9 s for the KD term)."""
     users_np, items_np = user_vecs.numpy(), item_vecs.numpy()
     lists = table.items.index_select(0, rows).numpy()  # the batch's rows: a whole-row copy streams
     targets = table.targets.index_select(0, rows).to(user_vecs.dtype).numpy()
@@ -225,26 +253,22 @@ def _run_kernel(
     starts = np.asarray(table.bounds[:-1], dtype=np.int64)
     weights_np = as_numpy(weights.to(user_vecs.dtype))
     grad_users = torch.zeros_like(user_vecs)
-    blocks = block_bounds(rows.shape[0], kernel_threads() if rows.shape[0] >= BLOCK_ROWS else 1)
-    item_buffers = [torch.zeros_like(item_vecs) for _ in blocks]
+    grad_scores = np.empty(lists.shape, dtype=users_np.dtype)  # written where an entry counts, read only there
+    n_blocks = kernel_threads() if rows.shape[0] >= BLOCK_ROWS else 1
+    blocks = block_bounds(rows.shape[0], n_blocks)
 
     def block_args(b: int, _: int) -> tuple[Any, ...]:
         part = slice(*blocks[b])
-        return (
-            users_np[part],
-            items_np,
-            lists[part],
-            targets[part],
-            ends[part],
-            starts,
-            weights_np[part],
-            float(scale),
-            grad_users.numpy()[part],
-            item_buffers[b].numpy(),
-        )
+        args = (users_np[part], items_np, lists[part], targets[part], ends[part], starts, weights_np[part])
+        return (*args, float(scale), grad_users.numpy()[part], grad_scores[part])
 
     total = sum(run_blocks(_list_ce_kernel, block_args, len(blocks)))
-    grad_items = item_buffers[0]
-    for other in item_buffers[1:]:
-        grad_items += other
+    grad_items = torch.empty_like(item_vecs)
+    item_blocks = block_bounds(item_vecs.shape[0], n_blocks)
+    grad_items_np = grad_items.numpy()
+
+    def scatter_args(b: int, _: int) -> tuple[Any, ...]:
+        return (users_np, lists, ends, starts, grad_scores, grad_items_np, *item_blocks[b])
+
+    run_blocks(_scatter_items_kernel, scatter_args, len(item_blocks))
     return grad_users, grad_items, float(total)
