@@ -244,8 +244,8 @@ def _run_kernel(
 
     The former layout, one item-gradient buffer a row block summed after, rounded differently on each
     thread count; this one gives the same numbers on any. On Gowalla epochs the two took the same
-    time within this machine's noise (alternating runs of ``benchmarks.epoch_profile``: 2.3–2.8 s
-    against 2.4–2.9 s for the KD term)."""
+    time within this machine's noise (alternating runs of ``benchmarks.epoch_profile``, the KD term:
+    2.3–2.8 s for the former, 2.4–2.9 s for this one)."""
     users_np, items_np = user_vecs.numpy(), item_vecs.numpy()
     lists = table.items.index_select(0, rows).numpy()  # the batch's rows: a whole-row copy streams
     targets = table.targets.index_select(0, rows).to(user_vecs.dtype).numpy()
