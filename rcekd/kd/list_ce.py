@@ -17,8 +17,8 @@ not kept: on a Gowalla epoch it was no faster, as the pass's time is spread over
 Rows go in blocks on torch's thread count (:mod:`rcekd.kd.threads`); the item gradient then goes in
 blocks of item ids, each block adding its items' terms in row order into the one output, so the
 gradients are the same numbers on any thread count (a CiteULike run gave the same figures on one
-thread and on two). The blocks gain only when torch's OpenMP workers are not busy-waiting on the core a block
-needs after torch's own parallel ops: see ``GOMP_SPINCOUNT`` in :mod:`rcekd`.
+thread and on two). The blocks gain only when torch's OpenMP workers are not busy-waiting on the
+core a block needs after torch's own parallel ops: see ``GOMP_SPINCOUNT`` in :mod:`rcekd`.
 """
 
 from __future__ import annotations
