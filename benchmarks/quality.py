@@ -114,6 +114,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "seed": job["seed"],
         "metrics": manifest["metrics"],
         "kd": manifest["kd"],
+        "teacher_weights_sha256": manifest.get("teacher", {}).get("weights_sha256"),
         "best_epoch": training["best_epoch"],
         "epochs_run": training["epochs_run"],
         "seconds": training["seconds"],

@@ -182,6 +182,9 @@ def distill_teacher(
             "kd": distiller.settings() if distiller else {"method": "none"},
             "teacher": {
                 "id": teacher_manifest.get("id"),
+                # the id is new at every training; the weights' hash tells whether two runs distilled
+                # the very same teacher (a retrain can round differently on another machine)
+                "weights_sha256": teacher_manifest.get("files", {}).get("weights.safetensors", {}).get("sha256"),
                 "arch": teacher_manifest.get("arch"),
                 "hyperparameters": teacher_manifest.get("hyperparameters"),
                 "n_parameters": teacher_manifest.get("n_parameters"),

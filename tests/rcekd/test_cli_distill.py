@@ -51,6 +51,7 @@ def test_distill_writes_a_student_that_records_method_options_and_teacher(
     assert {k: manifest["kd"][k] for k in ("K", "L", "mxK", "beta")} == {"K": 5, "L": 5, "mxK": 10, "beta": 2.0}
     assert manifest["kd"]["gamma_mode"] == "paper"  # defaults are recorded too
     assert manifest["teacher"]["id"] == teacher_manifest["id"]
+    assert manifest["teacher"]["weights_sha256"] == teacher_manifest["files"]["weights.safetensors"]["sha256"]
     assert manifest["teacher"]["metrics"] == teacher_manifest["metrics"]
     assert json.loads(printed)["kd"]["method"] == "rcekd"
 
