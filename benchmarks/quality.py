@@ -115,6 +115,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "metrics": manifest["metrics"],
         "kd": manifest["kd"],
         "teacher_weights_sha256": manifest.get("teacher", {}).get("weights_sha256"),
+        "platform": training.get("platform"),  # CPU and libraries: runs agree to the bit only on alike ones
         "best_epoch": training["best_epoch"],
         "epochs_run": training["epochs_run"],
         "seconds": training["seconds"],
@@ -181,6 +182,20 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
         row["code"] = sorted({r.get("code", "unknown") for r in mine})
         table[variant] = row
     return table
+
+
+def platform_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
+    """Runs per machine kind (CPU, torch's vector kernels, numba's target); empty when none recorded."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        record = run.get("platform")
+        kind = (
+            f"{record['cpu']}, torch {record['torch_cpu_capability']}, numba {record['numba_target']}"
+            if record
+            else "not recorded"
+        )
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts if set(counts) != {"not recorded"} else {}
 
 
 def significance(table: dict[str, Any], target: str = "rcekd") -> dict[str, Any] | None:
@@ -262,8 +277,10 @@ def markdown(
     command: str,
     missing: list[tuple[str, int]] | None = None,
     note: str = "",
+    runs: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The results file's text; ``missing``: requested (variant, seed) runs that have not finished."""
+    """The results file's text; ``missing``: requested (variant, seed) runs that have not finished;
+    ``runs``: the run records, for the machines that made them."""
     lines = [
         f"# KD quality: {name}",
         "",
@@ -293,6 +310,10 @@ def markdown(
     codes = {variant: row.get("code", []) for variant, row in table.items()}
     if any(codes.values()):
         lines += ["", "Code that made the runs: " + "; ".join(f"{v}: {', '.join(c)}" for v, c in codes.items()) + "."]
+    platforms = platform_counts(runs or [])
+    if platforms:
+        kinds = "; ".join(f"{kind} ({count} runs)" for kind, count in platforms.items())
+        lines += ["", f"Machines that made the runs: {kinds}."]
     ablations = against_full(table)
     if ablations:
         lines += ["", "Variants of RCE-KD against full RCE-KD (test NDCG@20, same seeds):", ""]
@@ -392,9 +413,9 @@ def main() -> None:
     write_results(
         f"quality_{args.name}",
         {"settings": vars(args), "table": table, "significance": test, "variants": against_full(table), "runs": runs},
-        markdown(args.name, table, test, command, missing, args.note),
+        text := markdown(args.name, table, test, command, missing, args.note, runs),
     )
-    print(markdown(args.name, table, test, command, missing, args.note))
+    print(text)
 
 
 if __name__ == "__main__":

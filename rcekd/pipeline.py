@@ -12,6 +12,7 @@ from rcekd.data import Dataset, load_dataset
 from rcekd.kd import Teacher, make_distiller
 from rcekd.metrics import full_report
 from rcekd.models import Recommender, build_model
+from rcekd.platform_record import platform_record
 from rcekd.train import Progress, TrainConfig, TrainResult, seed_everything, train
 
 #: Per-backbone defaults: the settings that reach the README's CiteULike teacher figures.
@@ -94,6 +95,8 @@ def training_record(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
         "seconds": round(result.seconds, 2),
         "seconds_per_epoch_train": round(result.train_seconds / max(result.epochs_run, 1), 3),
         "history": result.history,
+        # CPU, vector extensions and library versions: what the last bits of the run depend on
+        "platform": platform_record(str(config.resolved_device())),
     }
 
 

@@ -124,3 +124,14 @@ def test_a_run_logs_each_epoch_while_it_trains_and_reads_back_its_metrics(
     assert result["kd"]["weight"] == 1.0
     assert [epoch for epoch, _, _ in result["train_curve"]] == [1, 2, 3, 4]
     assert all(loss > 0 for _, loss, _ in result["train_curve"])
+
+
+def test_the_results_file_names_the_machines_that_made_the_runs() -> None:
+    zen = {"cpu": "AMD EPYC", "torch_cpu_capability": "AVX2", "numba_target": "znver3"}
+    runs = [_run("rcekd", 0, 0.02) | {"platform": zen}, _run("rcekd", 1, 0.02) | {"platform": zen}]
+    runs.append(_run("rcekd", 2, 0.02))  # made before runs recorded their machine
+    table = summarise(runs, ["rcekd"])
+    text = quality.markdown("x", table, None, "cmd", [], "", runs)
+    assert "Machines that made the runs: AMD EPYC, torch AVX2, numba znver3 (2 runs); not recorded (1 runs)." in text
+    unrecorded = quality.markdown("x", table, None, "cmd", [], "", runs[2:])
+    assert "Machines that made the runs" not in unrecorded

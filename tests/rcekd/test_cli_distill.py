@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from rcekd.cli import main
 from tests.rcekd.test_cli import train_args
@@ -53,6 +54,9 @@ def test_distill_writes_a_student_that_records_method_options_and_teacher(
     assert manifest["teacher"]["id"] == teacher_manifest["id"]
     assert manifest["teacher"]["weights_sha256"] == teacher_manifest["files"]["weights.safetensors"]["sha256"]
     assert manifest["teacher"]["metrics"] == teacher_manifest["metrics"]
+    platform = manifest["training"]["platform"]  # what the run's last bits depend on
+    assert platform["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert platform["cpu"] and platform["numba_target"] and platform["torch"] == torch.__version__
     assert json.loads(printed)["kd"]["method"] == "rcekd"
 
 
