@@ -17,6 +17,7 @@ from typing import Any
 import numba
 import numpy
 import torch
+from llvmlite import binding
 
 
 def cpu_model() -> str:
@@ -35,8 +36,6 @@ def numba_target() -> str:
     configured = numba.config.CPU_NAME
     if configured:
         return str(configured)
-    from llvmlite import binding
-
     return str(binding.get_host_cpu_name())
 
 
