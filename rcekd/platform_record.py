@@ -5,7 +5,8 @@ count, but the last bits of a float sum depend on the instructions that compute 
 kernels by the CPU's vector extensions (AVX2, AVX-512), and numba compiles the KD kernels for the host
 CPU (with re-association allowed, the vector width sets the order of a dot product's sums). Early
 stopping can carry such a difference to ±0.001 NDCG@20 on a CiteULike seed, so a run records where it
-ran, and two runs that disagree can be told apart from a bug.
+ran, and two runs that disagree can be told apart from a bug. By default :mod:`rcekd.numerics` pins
+both (AVX2 kernels, numba code for one fixed CPU), and the record shows whether it did.
 """
 
 from __future__ import annotations
@@ -39,12 +40,20 @@ def numba_target() -> str:
     return str(binding.get_host_cpu_name())
 
 
+def numba_features() -> str:
+    """The CPU features numba compiles with: ``NUMBA_CPU_FEATURES`` when set (portable numerics,
+    :mod:`rcekd.numerics`), else the host's."""
+    configured = numba.config.CPU_FEATURES
+    return "host" if configured is None else str(configured)
+
+
 def platform_record(device: str = "cpu") -> dict[str, Any]:
     """The machine facts a run's numbers depend on: CPU, vector extensions, library versions."""
     record: dict[str, Any] = {
         "cpu": cpu_model(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "numba_target": numba_target(),
+        "numba_features": numba_features(),
         "torch": torch.__version__,
         "numba": numba.__version__,
         "numpy": numpy.__version__,

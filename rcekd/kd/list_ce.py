@@ -10,9 +10,14 @@ Within each segment the entries that count come first (:meth:`ListTable.of` move
 epoch), so the pass runs over them with no mask to test and no work on the others: on Gowalla's
 RCE-KD lists that made it ~25% faster than a masked pass over every column.
 
-Scoring each distinct item of a row once (RCE-KD's sample repeats about a third of Q_S) was tried and
-not kept: on a Gowalla epoch it was no faster, as the pass's time is spread over its per-entry work
-(scores, exps, scatters), not concentrated in the dot products.
+Scoring each distinct item of a row once (RCE-KD's sample repeats Q_S: 33 of its 50 items on a
+Gowalla epoch) was tried twice and not kept: on a Gowalla epoch it was no faster, as the pass's time is
+spread over its per-entry work (scores, exps, scatters), not concentrated in the dot products. The
+second try marked the repeats once an epoch in the table (a negative id naming the Q_S column, the
+repeats first in their segment so the test for them predicts well): the pass alone took 7% less
+time on one thread in a micro-benchmark, but a training epoch's KD term did not move beyond noise
+(alternating ``benchmarks.epoch_profile`` runs on a Zen 5 machine: 1.21 and 1.35 s against 1.23 and
+1.36 s), and an alias check each epoch is not worth that.
 
 Rows go in blocks on torch's thread count (:mod:`rcekd.kd.threads`); the item gradient then goes in
 blocks of item ids, each block adding its items' terms in row order into the one output, so the

@@ -1,0 +1,74 @@
+"""One set of float instructions on every x86-64 CPU with AVX2, so a seed gives the same bits anywhere.
+
+The last bits of a float sum depend on the instructions that compute it: torch picks its CPU kernels
+by the CPU's vector extensions (AVX2 or AVX-512), and numba compiles the KD kernels for the host CPU,
+where re-association lets the vector width set the order of a dot product's sums. Early stopping
+carries such a difference far: the same CiteULike runs on a Zen 5 machine (AVX-512) gave test
+NDCG@20 0.019331 and 0.019609 against 0.018789 and 0.019008 on the Zen 3 machine (AVX2) that made
+them. With the numerics pinned as below, the Zen 5 machine gave the Zen 3 figures to the last digit.
+
+``RCEKD_NUMERICS`` chooses:
+
+- ``portable`` (the default): torch's AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``) and numba code for
+  one fixed CPU, ``znver3`` (the machine that made this project's committed results), without its
+  AMD-only extensions, so the code also runs on Intel CPUs with AVX2, FMA and BMI2. Only where the
+  host has those; elsewhere nothing is pinned.
+- ``native``: the host's own (AVX-512 where present), which may be a little faster and rounds
+  differently from one CPU generation to the next.
+
+Variables already in the environment win, and this module imports neither torch nor numba: it has to
+run before they load (``rcekd/__init__.py`` calls :func:`pin_numerics` first thing).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+
+MODES = ("portable", "native")
+#: what portable mode sets, unless the environment sets it already
+PORTABLE_SETTINGS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "NUMBA_CPU_NAME": "znver3",
+    # AMD-only instructions off (numeric loops never need them), so the code runs on Intel CPUs too
+    "NUMBA_CPU_FEATURES": "-sse4a,-clzero,-mwaitx,-rdpru,-wbnoinvd",
+}
+#: CPU flags (as /proc/cpuinfo names them) that code for the pinned target may use in numeric loops
+REQUIRED_FLAGS = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "popcnt", "movbe"})
+
+
+class NumericsError(ValueError):
+    """An unknown ``RCEKD_NUMERICS`` value."""
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The host CPU's flags (Linux); empty where they cannot be read, which leaves the host's numerics."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def numerics_settings(environ: Mapping[str, str], flags: frozenset[str]) -> dict[str, str]:
+    """The variables to set for the mode ``environ`` asks for on a CPU with ``flags`` (none that the
+    environment already sets)."""
+    mode = environ.get("RCEKD_NUMERICS", "portable").strip().lower() or "portable"
+    if mode not in MODES:
+        raise NumericsError(f"RCEKD_NUMERICS must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "native" or not flags >= REQUIRED_FLAGS:
+        return {}
+    return {name: value for name, value in PORTABLE_SETTINGS.items() if name not in environ}
+
+
+def pin_numerics(
+    environ: MutableMapping[str, str] | None = None, flags: frozenset[str] | None = None
+) -> dict[str, str]:
+    """Apply :func:`numerics_settings` to the process environment (or ``environ``); returns what it set."""
+    environ = os.environ if environ is None else environ
+    settings = numerics_settings(environ, cpu_flags() if flags is None else flags)
+    environ.update(settings)
+    return settings
