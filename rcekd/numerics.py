@@ -17,12 +17,16 @@ them. With the numerics pinned as below, the Zen 5 machine gave the Zen 3 figure
   differently from one CPU generation to the next.
 
 Variables already in the environment win, and this module imports neither torch nor numba: it has to
-run before they load (``rcekd/__init__.py`` calls :func:`pin_numerics` first thing).
+run before they load (``rcekd/__init__.py`` calls :func:`pin_numerics` first thing). Torch reads its
+variable lazily, so importing torch first is harmless; numba reads its own at import, so importing
+numba first leaves it on the host CPU, with a warning.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
@@ -71,4 +75,11 @@ def pin_numerics(
     environ = os.environ if environ is None else environ
     settings = numerics_settings(environ, cpu_flags() if flags is None else flags)
     environ.update(settings)
+    if environ is os.environ and "numba" in sys.modules and any(name.startswith("NUMBA_") for name in settings):
+        warnings.warn(
+            "numba was imported before rcekd, so it compiles for the host CPU, not the pinned one: "
+            "import rcekd first for results that reproduce across CPUs (runs record what was used)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return settings

@@ -69,3 +69,12 @@ def test_importing_rcekd_first_pins_what_torch_and_numba_use() -> None:
     native = _record_in_fresh_interpreter("native")
     assert native["numba_features"] == "host"
     assert native["numba_target"] not in ("", "generic")
+
+
+@pytest.mark.skipif(not cpu_flags() >= REQUIRED_FLAGS, reason="the host lacks AVX2: nothing is pinned")
+def test_numba_loaded_before_rcekd_is_reported_not_hidden() -> None:
+    env = {key: value for key, value in os.environ.items() if key not in PORTABLE_SETTINGS}
+    done = subprocess.run(
+        [sys.executable, "-c", "import numba; import rcekd"], env=env, capture_output=True, text=True, check=True
+    )
+    assert "numba was imported before rcekd" in done.stderr
