@@ -46,15 +46,20 @@ class NumericsError(ValueError):
     """An unknown ``RCEKD_NUMERICS`` value."""
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The host CPU's flags (Linux); empty where they cannot be read, which leaves the host's numerics."""
+def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The first ``name : value`` of /proc/cpuinfo (Linux), or None where it cannot be read."""
     try:
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The host CPU's flags (Linux); empty where they cannot be read, which leaves the host's numerics."""
+    return frozenset((cpuinfo_field("flags", cpuinfo) or "").split())
 
 
 def numerics_settings(environ: Mapping[str, str], flags: frozenset[str]) -> dict[str, str]:

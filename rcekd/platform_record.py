@@ -12,7 +12,6 @@ both (AVX2 kernels, numba code for one fixed CPU), and the record shows whether 
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 from typing import Any
 
 import numba
@@ -20,16 +19,12 @@ import numpy
 import torch
 from llvmlite import binding
 
+from rcekd.numerics import cpuinfo_field
+
 
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def numba_target() -> str:

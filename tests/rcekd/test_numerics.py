@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from rcekd.numerics import PORTABLE_SETTINGS, REQUIRED_FLAGS, NumericsError, cpu_flags, numerics_settings, pin_numerics
+from rcekd.numerics import (
+    PORTABLE_SETTINGS,
+    REQUIRED_FLAGS,
+    NumericsError,
+    cpu_flags,
+    cpuinfo_field,
+    numerics_settings,
+    pin_numerics,
+)
 
 AVX2_HOST = REQUIRED_FLAGS | {"sse4_2", "avx512f"}
 
@@ -82,3 +90,11 @@ def test_numba_loaded_before_rcekd_is_reported_not_hidden() -> None:
         check=True,
     )
     assert "numba was imported before rcekd" in done.stderr
+
+
+def test_cpuinfo_field_reads_the_first_value(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: First CPU\nflags\t: avx\nmodel name\t: Second CPU\n")
+    assert cpuinfo_field("model name", cpuinfo) == "First CPU"
+    assert cpuinfo_field("microcode", cpuinfo) is None
+    assert cpuinfo_field("model name", tmp_path / "missing") is None
