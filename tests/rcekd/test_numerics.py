@@ -98,3 +98,16 @@ def test_cpuinfo_field_reads_the_first_value(tmp_path: Path) -> None:
     assert cpuinfo_field("model name", cpuinfo) == "First CPU"
     assert cpuinfo_field("microcode", cpuinfo) is None
     assert cpuinfo_field("model name", tmp_path / "missing") is None
+
+
+def test_platform_record_names_the_vendor_and_mkl_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rcekd.platform_record import mkl_settings, platform_record
+
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    assert mkl_settings() == "auto"
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert mkl_settings() == "MKL_CBWR=COMPATIBLE"
+    record = platform_record()
+    assert record["mkl"] == "MKL_CBWR=COMPATIBLE"
+    assert record["cpu_vendor"] == (cpuinfo_field("vendor_id") or "unknown")
