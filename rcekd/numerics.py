@@ -1,4 +1,4 @@
-"""One set of float instructions on every x86-64 CPU with AVX2, so a seed gives the same bits anywhere.
+"""One set of float instructions on x86-64 CPUs with AVX2, so a seed gives the same bits across CPU generations.
 
 The last bits of a float sum depend on the instructions that compute it: torch picks its CPU kernels
 by the CPU's vector extensions (AVX2 or AVX-512), and numba compiles the KD kernels for the host CPU,
@@ -15,6 +15,17 @@ them. With the numerics pinned as below, the Zen 5 machine gave the Zen 3 figure
   host has those; elsewhere nothing is pinned.
 - ``native``: the host's own (AVX-512 where present), which may be a little faster and rounds
   differently from one CPU generation to the next.
+
+What this cannot pin is MKL, torch's BLAS and vector math (its sqrt, exp and log of large float
+tensors, the sqrt in ``torch.optim.Adam`` among them): MKL picks its code path by the CPU's vendor as
+well as its extensions, and its switches (``MKL_ENABLE_INSTRUCTIONS``, the ``MKL_CBWR`` branches but
+``COMPATIBLE``) act on Intel CPUs only. So runs agree to the last bit across AMD generations (Zen 3,
+Zen 5), but not between AMD and Intel: on an Intel Xeon the CiteULike MF teacher trained to other
+weights (its test NDCG@20 the same to the last digit), and two KD students 0.00035 and 0.00045 NDCG@20
+off through early stopping; no MKL setting tried there (AVX2, SSE4.2, CNR AVX2 or COMPATIBLE) gave the
+AMD bits. ``MKL_CBWR=COMPATIBLE`` would make both vendors take one path, at a cost in speed, but not
+the path that made this project's results, so it is not set. Runs record the vendor and MKL's
+settings (:mod:`rcekd.platform_record`).
 
 Variables already in the environment win, and this module imports neither torch nor numba: it has to
 run before they load (``rcekd/__init__.py`` calls :func:`pin_numerics` first thing). Torch reads its
