@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from rcekd.data import Dataset
 from rcekd.kd.base import Distiller, Teacher, student_scores, student_vectors, teacher_scores, user_chunks
 from rcekd.kd.sampling import allowed_counts, gumbel_topk
+from rcekd.kd.threads import single_torch_thread
 from rcekd.models.base import Recommender
 
 
@@ -62,11 +63,13 @@ class CD(Distiller):
         positions = gumbel_topk(log_weights, self.n_samples, self.generator)
         items = candidates.gather(1, positions)
         users = torch.arange(start, stop, device=device)
-        return {
-            "items": items,
-            "valid": valid.gather(1, positions),
-            "labels": torch.sigmoid(teacher_scores(self.teacher, users, items) / self.T),
-        }
+        logits = teacher_scores(self.teacher, users, items) / self.T
+        # one thread: torch splits an element-wise op among its threads, and each part's last few
+        # elements take a scalar sigmoid that can round differently from the vector one (on CiteULike's
+        # 5,219 × 10 labels, one label changed with the thread count, and with it a run's NDCG@20)
+        with single_torch_thread():
+            labels = torch.sigmoid(logits)
+        return {"items": items, "valid": valid.gather(1, positions), "labels": labels}
 
     def user_loss(self, users: torch.Tensor, student: Recommender) -> torch.Tensor:
         if not self.state:

@@ -199,10 +199,11 @@ def _rank_rows(
 ) -> None:
     """:func:`topk_items` for users first..stop-1, in chunks, into ``out``."""
     chunk = TOPK_USERS if compiled else max(1, CHUNK_SCORES // max(item_vecs.shape[0], 1))
-    buffer = user_vecs.new_empty(min(chunk, max(stop - first, 1)), item_vecs.shape[0])
-    for start in range(first, stop, chunk):
-        end = min(start + chunk, stop)
-        scores = torch.mm(user_vecs[start:end], item_vecs.T, out=buffer[: end - start])
+    bounds = product_chunks(first, stop, chunk)
+    buffer = user_vecs.new_empty(max([2, *(end - start for start, end in bounds)]), item_vecs.shape[0])
+    for start, end in bounds:
+        vecs = user_vecs[start:end] if end - start > 1 else user_vecs[start:end].repeat(2, 1)  # see product_chunks
+        scores = torch.mm(vecs, item_vecs.T, out=buffer[: vecs.shape[0]])[: end - start]
         if exclude is not None:
             rows, cols = _excluded(exclude, start, end, scores.device)
             scores[rows, cols] = -torch.inf
@@ -210,6 +211,18 @@ def _rank_rows(
             row_topk(scores, k, out[start:end], None if hint is None else hint[start:end])
         else:
             out[start:end] = scores.topk(k, dim=1).indices
+
+
+def product_chunks(first: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) chunks of ``size`` users covering first..stop-1; a last chunk of one user joins the
+    one before it (a range of one user is scored as two copies of it). A one-row product takes MKL's
+    matrix-vector path, which on Intel CPUs rounds differently from its matrix-matrix path (whose rows
+    do not depend on the other rows): which user ended up alone depends on the thread count (the row
+    blocks), so that user's scores did too, and a near-tie could rank differently on two threads."""
+    starts = list(range(first, stop, size))
+    if len(starts) > 1 and stop - starts[-1] == 1:
+        starts.pop()
+    return [(start, min(start + size, stop) if i + 1 < len(starts) else stop) for i, start in enumerate(starts)]
 
 
 def _excluded(exclude: sp.csr_matrix, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

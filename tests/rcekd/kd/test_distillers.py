@@ -119,3 +119,31 @@ def test_every_method_brings_the_student_closer_to_its_teacher(teacher_and_traje
         train(student, tiny_dataset, config, distiller=_make(method, teacher, trajectory, tiny_dataset))
         overlaps[method] = _top10_overlap(student, teacher, tiny_dataset)
     assert all(value > baseline for value in overlaps.values()), (baseline, overlaps)
+
+
+def test_cd_labels_do_not_depend_on_the_thread_count(
+    teacher_and_trajectory, tiny_dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch splits an element-wise op among its threads, and each part's tail takes a scalar sigmoid
+    that can round differently from the vector one: CD's labels are computed on one thread."""
+    teacher, trajectory = teacher_and_trajectory
+    threads_seen: list[int] = []
+    plain_sigmoid = torch.sigmoid
+
+    def spy(tensor: torch.Tensor) -> torch.Tensor:
+        threads_seen.append(torch.get_num_threads())
+        return plain_sigmoid(tensor)
+
+    monkeypatch.setattr(torch, "sigmoid", spy)
+    threads = torch.get_num_threads()
+    labels = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            distiller = _make("cd", teacher, trajectory, tiny_dataset)
+            distiller.on_epoch_start(_student(tiny_dataset), 1)
+            labels.append(distiller.state["labels"])
+    finally:
+        torch.set_num_threads(threads)
+    assert threads_seen and set(threads_seen) == {1}
+    assert torch.equal(labels[0], labels[1])

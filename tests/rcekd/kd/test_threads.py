@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from rcekd.kd.kernels import list_scores
 from rcekd.kd.list_ce import ListCrossEntropy, ListTable
 from rcekd.kd.threads import block_bounds, run_blocks, single_torch_thread
-from rcekd.kd.topk import row_topk, topk_items
+from rcekd.kd.topk import product_chunks, row_topk, topk_items
 
 
 @pytest.fixture
@@ -137,3 +138,38 @@ def test_a_forked_child_ranks_on_threads(torch_threads: None) -> None:
     child.join(timeout=60)
     assert child.exitcode == 0
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("n_users", [1, 2, 17, 33, 34, 5219])
+def test_user_chunks_cover_the_range_without_a_lone_user(n_users: int) -> None:
+    for first, stop in [(0, n_users), *block_bounds(n_users, 2)]:
+        chunks = product_chunks(first, stop, 16)
+        assert [start for start, _ in chunks] == sorted({start for start, _ in chunks})
+        assert chunks[0][0] == first and chunks[-1][1] == stop
+        assert all(end == start for (_, end), (start, _) in pairwise(chunks))
+        assert all(2 <= end - start <= 17 for start, end in chunks) or chunks == [(first, stop)]
+
+
+@pytest.mark.parametrize("n_users", [1, 3, 33])
+def test_rankings_never_take_a_one_row_product(n_users: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MKL's one-row (matrix-vector) product rounds differently from its matrix-matrix one on Intel
+    CPUs, and the row blocks of two threads left one of CiteULike's 5,219 users alone in a chunk."""
+    torch.manual_seed(n_users)
+    user_vecs, item_vecs = torch.randn(n_users, 8), torch.randn(300, 8)
+    expected = topk_items(user_vecs, item_vecs, 20)
+    product_rows: list[int] = []
+    plain_mm = torch.mm
+
+    def spy(left: torch.Tensor, right: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        product_rows.append(left.shape[0])
+        return plain_mm(left, right, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert torch.equal(topk_items(user_vecs, item_vecs, 20), expected)
+    finally:
+        torch.set_num_threads(threads)
+    assert product_rows and min(product_rows) >= 2
