@@ -21,11 +21,11 @@ tensors, the sqrt in ``torch.optim.Adam`` among them): MKL picks its code path b
 well as its extensions, and its switches (``MKL_ENABLE_INSTRUCTIONS``, the ``MKL_CBWR`` branches but
 ``COMPATIBLE``) act on Intel CPUs only. So runs agree to the last bit across AMD generations (Zen 3,
 Zen 5), but not between AMD and Intel: on an Intel Xeon the CiteULike MF teacher trained to other
-weights (its test NDCG@20 the same to the last digit), and two KD students 0.00035 and 0.00045 NDCG@20
-off through early stopping; no MKL setting tried there (AVX2, SSE4.2, CNR AVX2 or COMPATIBLE) gave the
-AMD bits. ``MKL_CBWR=COMPATIBLE`` would make both vendors take one path, at a cost in speed, but not
-the path that made this project's results, so it is not set. Runs record the vendor and MKL's
-settings (:mod:`rcekd.platform_record`).
+weights (its test NDCG@20 the same to the last digit), and the KD students rerun on it came out up to
+0.00052 NDCG@20 off (RCE-KD) and 0.0018 (CD) through early stopping; no MKL setting tried there
+(AVX2, SSE4.2, CNR AVX2 or COMPATIBLE) gave the AMD bits. ``MKL_CBWR=COMPATIBLE`` would make both
+vendors take one path, at a cost in speed, but not the path that made this project's results, so it
+is not set. Runs record the vendor and MKL's settings (:mod:`rcekd.platform_record`).
 
 Variables already in the environment win, and this module imports neither torch nor numba: it has to
 run before they load (``rcekd/__init__.py`` calls :func:`pin_numerics` first thing). Torch reads its
