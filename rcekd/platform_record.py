@@ -32,10 +32,12 @@ def cpu_model() -> str:
 
 
 def mkl_settings() -> str:
-    """MKL's dispatch settings from the environment (``MKL_CBWR``, ``MKL_ENABLE_INSTRUCTIONS``), or
-    ``auto``: the path MKL picks itself, which differs between Intel and AMD CPUs."""
+    """MKL's settings from the environment (``MKL_CBWR``, ``MKL_ENABLE_INSTRUCTIONS``,
+    ``MKL_NUM_THREADS``), or ``auto``: the path MKL picks itself differs between Intel and AMD CPUs."""
     settings = [
-        f"{name}={os.environ[name]}" for name in ("MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(name)
+        f"{name}={os.environ[name]}"
+        for name in ("MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "MKL_NUM_THREADS")
+        if os.environ.get(name)
     ]
     return ",".join(settings) or "auto"
 
