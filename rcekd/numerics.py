@@ -13,8 +13,9 @@ them. With the numerics pinned as below, the Zen 5 machine gave the Zen 3 figure
   one fixed CPU, ``znver3`` (the machine that made this project's committed results), without its
   AMD-only extensions, so the code also runs on Intel CPUs with AVX2, FMA and BMI2. Only where the
   host has those; elsewhere nothing is pinned.
-  On Intel CPUs also ``MKL_NUM_THREADS=1`` (:data:`INTEL_SETTINGS`): with MKL's own threads on,
-  two-thread runs there were not even the same from one run to the next.
+  Not MKL's threads: on an Intel Xeon, two-thread runs could differ from one run to the next
+  unless ``MKL_NUM_THREADS=1`` (with ``OMP_NUM_THREADS`` set too, or torch takes its own thread
+  count from it), which is left to the user: see the README.
 - ``native``: the host's own (AVX-512 where present), which may be a little faster and rounds
   differently from one CPU generation to the next.
 
@@ -51,13 +52,6 @@ PORTABLE_SETTINGS = {
     # AMD-only instructions off (numeric loops never need them), so the code runs on Intel CPUs too
     "NUMBA_CPU_FEATURES": "-sse4a,-clzero,-mwaitx,-rdpru,-wbnoinvd",
 }
-#: what portable mode also sets on Intel CPUs: MKL's own threads off (torch already splits its
-#: element-wise ops among its threads). With them on, the same two-thread command ended on other
-#: weights in about one run in five on an Intel Xeon (Adam's first step differed, its gradients the
-#: same): MKL's vector math, called inside torch's threads, split its work differently from run to
-#: run, and its Intel code rounds a split's tail differently. With them off, 16 runs of 16 gave the
-#: one-thread weights, for ~7% more seconds an epoch (CiteULike, CE).
-INTEL_SETTINGS = {"MKL_NUM_THREADS": "1"}
 #: CPU flags (as /proc/cpuinfo names them) that code for the pinned target may use in numeric loops
 REQUIRED_FLAGS = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "popcnt", "movbe"})
 
@@ -82,27 +76,23 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset((cpuinfo_field("flags", cpuinfo) or "").split())
 
 
-def numerics_settings(environ: Mapping[str, str], flags: frozenset[str], vendor: str | None = None) -> dict[str, str]:
-    """The variables to set for the mode ``environ`` asks for on a CPU with ``flags`` from ``vendor``
-    (/proc/cpuinfo's ``vendor_id``), none that the environment already sets."""
+def numerics_settings(environ: Mapping[str, str], flags: frozenset[str]) -> dict[str, str]:
+    """The variables to set for the mode ``environ`` asks for on a CPU with ``flags`` (none that the
+    environment already sets)."""
     mode = environ.get("RCEKD_NUMERICS", "portable").strip().lower() or "portable"
     if mode not in MODES:
         raise NumericsError(f"RCEKD_NUMERICS must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "native" or not flags >= REQUIRED_FLAGS:
         return {}
-    settings = {**PORTABLE_SETTINGS, **(INTEL_SETTINGS if vendor == "GenuineIntel" else {})}
-    return {name: value for name, value in settings.items() if name not in environ}
+    return {name: value for name, value in PORTABLE_SETTINGS.items() if name not in environ}
 
 
 def pin_numerics(
-    environ: MutableMapping[str, str] | None = None, flags: frozenset[str] | None = None, vendor: str | None = None
+    environ: MutableMapping[str, str] | None = None, flags: frozenset[str] | None = None
 ) -> dict[str, str]:
-    """Apply :func:`numerics_settings` to the process environment (or ``environ``); returns what it set.
-    Without ``flags``, the host's flags and vendor."""
+    """Apply :func:`numerics_settings` to the process environment (or ``environ``); returns what it set."""
     environ = os.environ if environ is None else environ
-    if flags is None:
-        flags, vendor = cpu_flags(), cpuinfo_field("vendor_id")
-    settings = numerics_settings(environ, flags, vendor)
+    settings = numerics_settings(environ, cpu_flags() if flags is None else flags)
     environ.update(settings)
     if environ is os.environ and "numba" in sys.modules and any(name.startswith("NUMBA_") for name in settings):
         warnings.warn(

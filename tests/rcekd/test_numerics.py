@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from rcekd.numerics import (
-    INTEL_SETTINGS,
     PORTABLE_SETTINGS,
     REQUIRED_FLAGS,
     NumericsError,
@@ -29,16 +28,6 @@ def test_portable_is_the_default_and_pins_torch_and_numba() -> None:
     assert numerics_settings({}, AVX2_HOST) == PORTABLE_SETTINGS
     assert numerics_settings({"RCEKD_NUMERICS": " Portable "}, AVX2_HOST) == PORTABLE_SETTINGS
     assert PORTABLE_SETTINGS["ATEN_CPU_CAPABILITY"] == "avx2" and PORTABLE_SETTINGS["NUMBA_CPU_NAME"] == "znver3"
-
-
-def test_intel_cpus_also_turn_mkl_threads_off() -> None:
-    """MKL's threads inside torch's made two-thread runs end on other weights from run to run there."""
-    assert numerics_settings({}, AVX2_HOST, "GenuineIntel") == {**PORTABLE_SETTINGS, **INTEL_SETTINGS}
-    assert INTEL_SETTINGS == {"MKL_NUM_THREADS": "1"}
-    assert numerics_settings({}, AVX2_HOST, "AuthenticAMD") == PORTABLE_SETTINGS
-    assert numerics_settings({}, AVX2_HOST) == PORTABLE_SETTINGS  # vendor unknown
-    assert numerics_settings({"MKL_NUM_THREADS": "2"}, AVX2_HOST, "GenuineIntel") == PORTABLE_SETTINGS
-    assert numerics_settings({"RCEKD_NUMERICS": "native"}, AVX2_HOST, "GenuineIntel") == {}
 
 
 def test_the_environment_wins_over_each_pinned_variable() -> None:
@@ -72,7 +61,7 @@ def test_cpu_flags_come_from_cpuinfo(tmp_path: Path) -> None:
 
 def _record_in_fresh_interpreter(mode: str) -> dict[str, str]:
     code = "import rcekd, json; from rcekd.platform_record import platform_record; print(json.dumps(platform_record()))"
-    env = {key: value for key, value in os.environ.items() if key not in {**PORTABLE_SETTINGS, **INTEL_SETTINGS}}
+    env = {key: value for key, value in os.environ.items() if key not in PORTABLE_SETTINGS}
     done = subprocess.run(
         [sys.executable, "-c", code], env={**env, "RCEKD_NUMERICS": mode}, capture_output=True, text=True, check=True
     )
@@ -92,7 +81,7 @@ def test_importing_rcekd_first_pins_what_torch_and_numba_use() -> None:
 
 @pytest.mark.skipif(not cpu_flags() >= REQUIRED_FLAGS, reason="the host lacks AVX2: nothing is pinned")
 def test_numba_loaded_before_rcekd_is_reported_not_hidden() -> None:
-    env = {key: value for key, value in os.environ.items() if key not in {**PORTABLE_SETTINGS, **INTEL_SETTINGS}}
+    env = {key: value for key, value in os.environ.items() if key not in PORTABLE_SETTINGS}
     done = subprocess.run(
         [sys.executable, "-c", "import numba; import rcekd"],
         env={**env, "RCEKD_NUMERICS": "portable"},
