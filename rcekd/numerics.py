@@ -13,8 +13,9 @@ them. With the numerics pinned as below, the Zen 5 machine gave the Zen 3 figure
   one fixed CPU, ``znver3`` (the machine that made this project's committed results), without its
   AMD-only extensions, so the code also runs on Intel CPUs with AVX2, FMA and BMI2. Only where the
   host has those; elsewhere nothing is pinned.
-  Not the thread count: on an Intel Xeon, two-thread runs could differ from one run to the next
-  (Adam's first step, from the same gradients; see the README); one thread is deterministic.
+  It does not make two-thread runs deterministic on Intel CPUs: on an Intel Xeon they could differ
+  from one run to the next (Adam's first step, from the same gradients; see the README), while
+  one-thread runs did not.
 - ``native``: the host's own (AVX-512 where present), which may be a little faster and rounds
   differently from one CPU generation to the next.
 

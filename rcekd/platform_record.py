@@ -1,7 +1,7 @@
 """What a training run's floating-point results depend on below the code, kept in its manifest.
 
-Same code, same seed and the same teacher bits give the same student on one machine and on any thread
-count, but the last bits of a float sum depend on the instructions that compute it: torch picks its
+Same code, same seed and the same teacher bits give the same student on one AMD machine on any thread
+count (on an Intel one, on one thread: see the README), but the last bits of a float sum depend on the instructions that compute it: torch picks its
 kernels by the CPU's vector extensions (AVX2, AVX-512), and numba compiles the KD kernels for the host
 CPU (with re-association allowed, the vector width sets the order of a dot product's sums), and MKL
 (torch's BLAS and vector math: its sqrt, exp and log of large tensors, Adam's sqrt among them) picks

@@ -141,7 +141,7 @@ def test_a_forked_child_ranks_on_threads(torch_threads: None) -> None:
 
 
 @pytest.mark.parametrize("n_users", [1, 2, 17, 33, 34, 5219])
-def test_user_chunks_cover_the_range_without_a_lone_user(n_users: int) -> None:
+def test_product_chunks_cover_the_range_without_a_lone_user(n_users: int) -> None:
     for first, stop in [(0, n_users), *block_bounds(n_users, 2)]:
         chunks = product_chunks(first, stop, 16)
         assert [start for start, _ in chunks] == sorted({start for start, _ in chunks})
