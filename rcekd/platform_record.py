@@ -1,9 +1,10 @@
 """What a training run's floating-point results depend on below the code, kept in its manifest.
 
 Same code, same seed and the same teacher bits give the same student on one AMD machine on any thread
-count (on an Intel one, on one thread: see the README), but the last bits of a float sum depend on the instructions that compute it: torch picks its
-kernels by the CPU's vector extensions (AVX2, AVX-512), and numba compiles the KD kernels for the host
-CPU (with re-association allowed, the vector width sets the order of a dot product's sums), and MKL
+count (on an Intel one, on one thread: see the README), but the last bits of a float sum depend on
+the instructions that compute it: torch picks its kernels by the CPU's vector extensions (AVX2,
+AVX-512), numba compiles the KD kernels for the host CPU (with re-association allowed, the vector
+width sets the order of a dot product's sums), and MKL
 (torch's BLAS and vector math: its sqrt, exp and log of large tensors, Adam's sqrt among them) picks
 its code path by the CPU's vendor as well as its extensions. Early
 stopping can carry such a difference to ±0.001 NDCG@20 on a CiteULike seed, so a run records where it
