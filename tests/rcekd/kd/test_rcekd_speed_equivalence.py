@@ -23,7 +23,7 @@ from rcekd.kd.base import (
 from rcekd.kd.ce import VanillaCE
 from rcekd.kd.rcekd import RCEKD, Z_CAP
 from rcekd.kd.sampling import gumbel_topk
-from rcekd.kd.topk import row_topk, topk_items
+from rcekd.kd.topk import TOPK_GROUP, group_maxima, row_topk, topk_items
 from rcekd.models import MF
 
 
@@ -102,6 +102,41 @@ def test_hinted_topk_equals_matmul_topk(with_exclude: bool, hint_from: str) -> N
     expected, scores = reference_topk(user_vecs, item_vecs, k, exclude)
     got = topk_items(user_vecs, item_vecs, k, exclude, hint=hint)
     assert_same_ranking(got, expected, scores)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 40, 255, 1000, 40_981])
+def test_group_maxima_are_each_strided_groups_maximum(n: int) -> None:
+    """Group g holds columns g, g + n_groups, …: its maximum, short last groups and NaN members included."""
+    rng = np.random.default_rng(n)
+    row = rng.normal(size=n).astype(np.float32)
+    row[rng.random(n) < 0.05] = np.nan
+    n_groups = -(-n // TOPK_GROUP)
+    maxima = np.full(n_groups, 7.0, dtype=np.float32)
+    group_maxima(row, n_groups, maxima)
+    padded = np.full(n_groups * TOPK_GROUP, -np.inf, dtype=np.float32)
+    padded[:n] = np.nan_to_num(row, nan=-np.inf)
+    assert np.array_equal(maxima, padded.reshape(TOPK_GROUP, n_groups).max(0))
+
+
+@pytest.mark.parametrize("k", [5, 300, 500])
+def test_topk_ranks_nan_scores_last(k: int) -> None:
+    """A diverged model's NaN scores neither crash the ranking nor push finite scores out: the finite
+    ones come first, best first, then the NaN ones (formerly a row with NaN could read out of bounds)."""
+    torch.manual_seed(0)
+    scores = torch.randn(4, 500)
+    scores[0, ::2] = torch.nan  # half
+    scores[1] = torch.nan  # all
+    scores[2, 7] = torch.nan  # one
+    scores[3, :16] = torch.nan  # a whole group's worth
+    out = torch.empty(4, k, dtype=torch.int64)
+    row_topk(scores, k, out)
+    for row, ids in zip(scores, out, strict=True):
+        assert len(set(ids.tolist())) == k
+        finite = row[~row.isnan()]
+        ranked = row[ids]
+        n_finite = min(k, len(finite))
+        assert torch.equal(ranked[:n_finite], finite.sort(descending=True).values[:n_finite])
+        assert ranked[n_finite:].isnan().all()
 
 
 def test_row_topk_checks_its_inputs() -> None:
