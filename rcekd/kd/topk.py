@@ -111,13 +111,54 @@ def group_maxima(row, n_groups, maxima):  # type: ignore[no-untyped-def]
         maxima[g] = best
 
 
+@numba.njit(cache=True, nogil=True)
+def _collect_by_member(row, maxima, theta, groups, ids, negated):  # type: ignore[no-untyped-def]
+    """The columns of ``row`` scoring ≥ θ, member by member (all groups' first members, then their
+    second, …): the groups with a maximum ≥ θ are listed first, so each pass reads ascending
+    addresses, often in a cache line the pass has just read. Returns their count."""
+    n, n_groups = row.shape[0], maxima.shape[0]
+    n_listed = 0
+    for g in range(n_groups):
+        groups[n_listed] = g
+        n_listed += maxima[g] >= theta
+    count = 0
+    for lo in range(0, n, n_groups):
+        for e in range(n_listed):
+            i = lo + groups[e]
+            if i < n and row[i] >= theta:
+                ids[count] = i
+                negated[count] = -row[i]
+                count += 1
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_distinct(negated, count, k, keys):  # type: ignore[no-untyped-def]
+    """Sort candidates 0..count-1 by ``negated`` (float32) into ``keys`` (the candidate in the low 32
+    bits), one integer sort of (value bits, index) pairs. True if no two of the first k values, nor
+    the k-th and the next, are equal: then that order is the only sorted one, the one any exact top-k
+    gives. False (``keys`` unusable) otherwise, or with NaN among them."""
+    bits = negated.view(np.int32)
+    for j in range(count):
+        value = np.int64(bits[j])
+        keys[j] = ((value ^ ((value >> 31) & 0x7FFFFFFF)) << 32) | j  # signed ints in the floats' order
+    keys[:count].sort()
+    for j in range(min(k, count)):
+        here = negated[keys[j] & 0xFFFFFFFF]
+        if here != here or (j + 1 < count and here == negated[keys[j + 1] & 0xFFFFFFFF]):
+            return False
+    return True
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
-def _rows_topk(scores, hint, k, out, first, stop):  # type: ignore[no-untyped-def]
+def _rows_topk(scores, hint, k, out, first, stop, packed):  # type: ignore[no-untyped-def]
     n = scores.shape[1]
     n_groups = (n + TOPK_GROUP - 1) // TOPK_GROUP  # group g: columns g, g + n_groups, g + 2 · n_groups, …
     maxima = np.empty(n_groups, dtype=scores.dtype)
+    groups = np.empty(n_groups + 1, dtype=np.int64)  # +1: the slot a last unlisted group writes
     ids = np.empty(n, dtype=np.int64)  # usually < k · TOPK_GROUP are kept; ties or −∞ rows keep more
     negated = np.empty(n, dtype=scores.dtype)
+    keys = np.empty(n, dtype=np.int64)
     counts = np.empty(THRESHOLD_BINS, dtype=np.int64)
     lowest = np.empty(THRESHOLD_BINS, dtype=scores.dtype)
     for r in range(first, stop):
@@ -133,6 +174,15 @@ def _rows_topk(scores, hint, k, out, first, stop):  # type: ignore[no-untyped-de
             for j in range(hint.shape[1]):
                 hinted = min(hinted, row[hint[r, j]])
             theta = max(theta, hinted)
+        # distinct top scores (float32): one order is right, found by an integer sort
+        if packed:
+            count = _collect_by_member(row, maxima, theta, groups, ids, negated)
+            if count >= k and _sort_distinct(negated, count, k, keys):
+                for j in range(k):
+                    out[r, j] = ids[keys[j] & 0xFFFFFFFF]
+                continue
+        # ties (or float64): the candidates in group order and an argsort, whose order among ties
+        # is the one this project's results were made with
         count = 0
         for g in range(n_groups):
             if maxima[g] >= theta:
@@ -160,7 +210,14 @@ def row_topk(scores: torch.Tensor, k: int, out: torch.Tensor, hint: torch.Tensor
     only the scores ≥ θ (in about k groups) are sorted. ``hint[r]`` (optional, ≥ k columns, e.g. last
     epoch's top list) raises θ to its own lowest score where that is higher: on Gowalla's students
     it rarely is (a few of last epoch's items fall far), so it is an option, not the method. NaN
-    scores (a diverged model) rank last, after −∞."""
+    scores (a diverged model) rank last, after −∞.
+
+    Float32 rows whose top k scores are distinct (all of a Gowalla student's sampled rows) are
+    sorted as integers (:func:`_sort_distinct`): there is one right order. Rows with ties, and
+    float64 rows, take an argsort of the candidates in group order, which fixes the order among ties
+    as the kernel that made this project's results did. On a Gowalla student (29,858 users, k=200,
+    ad hoc): 2.51 s on one thread and 1.09 s on two before these two changes and the group maxima
+    of :func:`group_maxima`, 1.93 s and 0.97 s after, the same lists."""
     if scores.device.type != "cpu" or out.device.type != "cpu" or (hint is not None and hint.device.type != "cpu"):
         raise ValueError("row_topk runs on CPU tensors")
     hint = torch.zeros(scores.shape[0], 0, dtype=torch.int64) if hint is None else hint
@@ -175,7 +232,9 @@ def row_topk(scores: torch.Tensor, k: int, out: torch.Tensor, hint: torch.Tensor
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     if scores.shape[0]:
-        _rows_topk(scores.detach().contiguous().numpy(), hint.contiguous().numpy(), k, out.numpy(), 0, scores.shape[0])
+        values = scores.detach().contiguous().numpy()
+        packed = values.dtype == np.float32
+        _rows_topk(values, hint.contiguous().numpy(), k, out.numpy(), 0, scores.shape[0], packed)
 
 
 def topk_items(

@@ -139,6 +139,25 @@ def test_topk_ranks_nan_scores_last(k: int) -> None:
         assert ranked[n_finite:].isnan().all()
 
 
+def test_topk_is_exact_with_and_without_tied_top_scores() -> None:
+    """Rows with tied top scores take the argsort path, rows without the integer sort: both give the
+    best scores in order; without ties the one possible order, with ties the same order for a row
+    ranked alone as in a batch."""
+    torch.manual_seed(3)
+    scores = torch.randint(-3, 4, (6, 700)).float()  # seven values: ties everywhere
+    scores[3:] = torch.randn(3, 700)  # continuous: no ties
+    out = torch.empty(6, 40, dtype=torch.int64)
+    row_topk(scores, 40, out)
+    for row, ids in zip(scores, out, strict=True):
+        assert len(set(ids.tolist())) == 40
+        assert torch.equal(row[ids], row.sort(descending=True).values[:40])
+    assert torch.equal(out[3:], scores[3:].topk(40, dim=1).indices)
+    for r in range(3):
+        alone = torch.empty(1, 40, dtype=torch.int64)
+        row_topk(scores[r : r + 1].clone(), 40, alone)
+        assert torch.equal(alone[0], out[r])
+
+
 def test_row_topk_checks_its_inputs() -> None:
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.4, 0.2, 0.6, 0.8]])
     out = torch.full((2, 2), -1, dtype=torch.int64)
