@@ -23,7 +23,7 @@ What this cannot pin is MKL, torch's BLAS and vector math (its sqrt, exp and log
 tensors, the sqrt in ``torch.optim.Adam`` among them): MKL picks its code path by the CPU's vendor as
 well as its extensions, and its switches (``MKL_ENABLE_INSTRUCTIONS``, the ``MKL_CBWR`` branches but
 ``COMPATIBLE``) act on Intel CPUs only. So runs agree to the last bit across AMD generations (Zen 3,
-Zen 5), but not between AMD and Intel: on an Intel Xeon the CiteULike MF teacher trained to other
+Zen 4, Zen 5), but not between AMD and Intel: on an Intel Xeon the CiteULike MF teacher trained to other
 weights (its test NDCG@20 the same to the last digit), and the KD students rerun on it came out up to
 0.00052 NDCG@20 off (RCE-KD) and 0.0018 (CD) through early stopping; no MKL setting tried there
 (AVX2, SSE4.2, CNR AVX2 or COMPATIBLE) gave the AMD bits. ``MKL_CBWR=COMPATIBLE`` would make both
