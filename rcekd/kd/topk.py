@@ -155,7 +155,7 @@ def _rows_topk(scores, hint, k, out, first, stop, packed):  # type: ignore[no-un
     n = scores.shape[1]
     n_groups = (n + TOPK_GROUP - 1) // TOPK_GROUP  # group g: columns g, g + n_groups, g + 2 · n_groups, …
     maxima = np.empty(n_groups, dtype=scores.dtype)
-    groups = np.empty(n_groups + 1, dtype=np.int64)  # +1: the slot a last unlisted group writes
+    groups = np.empty(n_groups, dtype=np.int64)  # the groups with a maximum ≥ θ, listed first
     ids = np.empty(n, dtype=np.int64)  # usually < k · TOPK_GROUP are kept; ties or −∞ rows keep more
     negated = np.empty(n, dtype=scores.dtype)
     keys = np.empty(n, dtype=np.int64)
@@ -212,7 +212,7 @@ def row_topk(scores: torch.Tensor, k: int, out: torch.Tensor, hint: torch.Tensor
     it rarely is (a few of last epoch's items fall far), so it is an option, not the method. NaN
     scores (a diverged model) rank last, after −∞.
 
-    Float32 rows whose top k scores are distinct (all of a Gowalla student's sampled rows) are
+    Float32 rows whose top k scores are distinct (200 of 200 sampled rows of a Gowalla student) are
     sorted as integers (:func:`_sort_distinct`): there is one right order. Rows with ties, and
     float64 rows, take an argsort of the candidates in group order, which fixes the order among ties
     as the kernel that made this project's results did. On a Gowalla student (29,858 users, k=200,
