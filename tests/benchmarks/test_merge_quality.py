@@ -10,19 +10,11 @@ import pytest
 
 from benchmarks import common, merge_quality
 from benchmarks.quality import SAME_BUDGET
+from tests.benchmarks.fake_runs import quality_run
 
 
 def _run(variant: str, seed: int, ndcg: float) -> dict:
-    block = {"recall@10": ndcg * 2, "ndcg@10": ndcg / 2, "recall@20": ndcg * 3, "ndcg@20": ndcg}
-    return {
-        "variant": variant,
-        "seed": seed,
-        "metrics": {"test": block, "test_paper": block, "valid": block},
-        "seconds_per_epoch_train": 1.0,
-        "best_epoch": 10,
-        "valid_curve": [[2, ndcg / 2], [4, ndcg / 2]],
-        "code": f"code{seed}",
-    }
+    return quality_run(variant, seed, ndcg, valid_curve=[[2, ndcg / 2], [4, ndcg / 2]], code=f"code{seed}")
 
 
 def _write(results: Path, name: str, runs: list[dict], **budget: object) -> None:

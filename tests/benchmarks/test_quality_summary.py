@@ -10,6 +10,7 @@ import pytest
 from benchmarks import quality
 from benchmarks.quality import SAME_BUDGET, against_full, committed_runs, parse_variant, significance, summarise
 from rcekd import cli
+from tests.benchmarks.fake_runs import quality_run as _run
 from tests.rcekd.test_cli import train_args
 
 
@@ -19,17 +20,6 @@ def test_variants_parse_numbers_booleans_and_strings() -> None:
         "rcekd",
         {"ablation": "wo_sep", "beta": 3, "tau": 0.5, "icd": False},
     )
-
-
-def _run(variant: str, seed: int, ndcg: float) -> dict:
-    block = {"recall@10": ndcg * 2, "ndcg@10": ndcg / 2, "recall@20": ndcg * 3, "ndcg@20": ndcg}
-    return {
-        "variant": variant,
-        "seed": seed,
-        "metrics": {"test": block, "test_paper": block, "valid": block},
-        "seconds_per_epoch_train": 1.0,
-        "best_epoch": 10,
-    }
 
 
 def test_summary_means_and_paired_test_against_the_best_other_method() -> None:
