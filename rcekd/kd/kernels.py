@@ -41,7 +41,7 @@ def _scores_kernel(user_vecs, item_vecs, items, out):  # type: ignore[no-untyped
     for r in range(n_rows):
         for j in range(width):
             item = items[r, j]
-            acc = user_vecs[r, 0] * 0  # zero of the vectors' dtype
+            acc = user_vecs[r, 0] * 0  # float64 zero (numba: float32 × int is float64): sums in double
             for k in range(dim):
                 acc += user_vecs[r, k] * item_vecs[item, k]
             out[r, j] = acc

@@ -58,7 +58,7 @@ def _list_ce_kernel(  # type: ignore[no-untyped-def]
         for q in range(n_segments):  # a segment's entries that count come first: no mask to test
             for j in range(starts[q], ends[r, q]):
                 item = items[r, j]
-                acc = user_vecs[r, 0] * 0  # zero of the vectors' dtype
+                acc = user_vecs[r, 0] * 0  # float64 zero (numba: float32 × int is float64): sums in double
                 for k in range(dim):
                     acc += user_vecs[r, k] * item_vecs[item, k]
                 scores[j] = acc * scale
@@ -69,7 +69,7 @@ def _list_ce_kernel(  # type: ignore[no-untyped-def]
             top = scores[lo]
             for j in range(lo + 1, hi):
                 top = max(top, scores[j])
-            sum_exp = top * 0  # float32 exps are ~2× cheaper than float64 ones
+            sum_exp = top * 0  # float64, like mass and dot; the exps themselves are float32 (~2× cheaper)
             mass = 0.0
             dot = 0.0
             for j in range(lo, hi):
