@@ -67,6 +67,19 @@ def test_compiled_topk_on_a_gowalla_sized_catalogue() -> None:
         assert_same_ranking(topk_items(user_vecs, item_vecs, k), expected, scores)
 
 
+def test_topk_exclude_is_checked_and_any_sparse_format_ranks_alike() -> None:
+    """An exclusion matrix of the wrong shape is refused (its rows would be read off the CSR arrays
+    unchecked); COO and CSR give the same ranking, with no excluded item in it."""
+    torch.manual_seed(5)
+    user_vecs, item_vecs = torch.randn(37, 6), torch.randn(300, 6)
+    exclude = sp.random(37, 300, density=0.1, format="coo", random_state=5)
+    from_coo = topk_items(user_vecs, item_vecs, 25, exclude)
+    assert torch.equal(from_coo, topk_items(user_vecs, item_vecs, 25, exclude.tocsr()))
+    assert not exclude.toarray()[np.arange(37)[:, None], from_coo.numpy()].any()
+    with pytest.raises(ValueError, match="users × items"):
+        topk_items(user_vecs, item_vecs, 25, exclude.tocsr()[:36])
+
+
 def test_topk_keeps_excluded_items_last_when_too_few_remain() -> None:
     torch.manual_seed(0)
     user_vecs, item_vecs = torch.randn(4, 3), torch.randn(200, 3)
