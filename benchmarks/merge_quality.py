@@ -38,9 +38,9 @@ def merged_runs(sources: list[str], variants: list[str]) -> tuple[list[dict[str,
             raise SystemExit(f"{path.name} was run with another budget (first source, this one): {differ}")
         code = saved.get("machine", {}).get("code", "unknown")
         for run in saved["runs"]:
-            key = (run["variant"], run["seed"])
             if run["variant"] not in variants:
                 continue
+            key = (run["variant"], run["seed"])
             if key in seen:
                 raise SystemExit(f"{key} is in both {seen[key]} and {source}: pick one by --variants or drop a source")
             seen[key] = source
@@ -62,9 +62,7 @@ def main() -> None:
         raise SystemExit("none of the variants is in the sources")
     table = quality.summarise(runs, args.variants)
     test = quality.significance(table, args.target)
-    seeds_by_source = {
-        source: sorted({r["seed"] for r in runs if r["source"] == source}) for source in dict.fromkeys(args.sources)
-    }
+    seeds_by_source = {source: sorted({r["seed"] for r in runs if r["source"] == source}) for source in args.sources}
     origin = "Merged from " + "; ".join(f"quality_{s}.json (seeds {seeds})" for s, seeds in seeds_by_source.items())
     note = f"{origin}. {args.note}".strip()
     command = (
