@@ -2,8 +2,10 @@
 run in different sessions (seeds 0-4 in one, 5-9 in a later one) summarised and tested as one.
 
 Only committed results are read, so the merged file traces to them; their budgets must match
-(:data:`benchmarks.quality.SAME_BUDGET`), and a (variant, seed) run in two of them is refused rather
-than picked. Each run keeps the code that made it, and the note says which file it came from.
+(:data:`benchmarks.quality.SAME_BUDGET`), a (variant, seed) run in two of them is refused rather
+than picked, and so are runs distilled from different teacher files (a retrained teacher can reach
+the same test NDCG to the last digit with other weights, and its students then differ). Each run
+keeps the code that made it, and the note says which file it came from and names the teacher file.
 
 Usage: python -m benchmarks.merge_quality --name citeulike_mf400_mf20_tuned_10seeds \
            --sources citeulike_mf400_mf20_tuned citeulike_mf400_mf20_tuned_s5-9 \
@@ -21,7 +23,7 @@ from benchmarks import common, quality
 
 def merged_runs(sources: list[str], variants: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(runs of ``variants`` from the committed ``quality_<source>.json`` files, the shared settings);
-    SystemExit on a missing file, a different budget or a run found twice."""
+    SystemExit on a missing file, a different budget, a run found twice or two teacher files."""
     runs: list[dict[str, Any]] = []
     settings: dict[str, Any] | None = None
     seen: dict[tuple[str, int], str] = {}
@@ -45,7 +47,22 @@ def merged_runs(sources: list[str], variants: list[str]) -> tuple[list[dict[str,
                 raise SystemExit(f"{key} is in both {seen[key]} and {source}: pick one by --variants or drop a source")
             seen[key] = source
             runs.append({"code": code, **run, "source": source})
+    teacher_files(runs)
     return runs, settings or {}
+
+
+def teacher_files(runs: list[dict[str, Any]]) -> tuple[str | None, int]:
+    """(the teacher weights' sha256 the distilled runs share, how many runs did not record one);
+    SystemExit when they name two. The student alone's runs have no teacher and are not counted."""
+    distilled = [run for run in runs if run["variant"].split(":")[0] != "none"]
+    known: dict[str, set[str]] = {}
+    for run in distilled:
+        if run.get("teacher_weights_sha256"):
+            known.setdefault(run["teacher_weights_sha256"], set()).add(run["source"])
+    if len(known) > 1:
+        listed = "; ".join(f"{sha[:8]}… in {', '.join(sorted(sources))}" for sha, sources in known.items())
+        raise SystemExit(f"the runs were distilled from different teacher files ({listed}): merge one teacher's runs")
+    return next(iter(known), None), sum(not run.get("teacher_weights_sha256") for run in distilled)
 
 
 def main() -> None:
@@ -64,7 +81,11 @@ def main() -> None:
     test = quality.significance(table, args.target)
     seeds_by_source = {source: sorted({r["seed"] for r in runs if r["source"] == source}) for source in args.sources}
     origin = "Merged from " + "; ".join(f"quality_{s}.json (seeds {seeds})" for s, seeds in seeds_by_source.items())
-    note = f"{origin}. {args.note}".strip()
+    sha, unrecorded = teacher_files(runs)
+    teacher = f"Teacher weights sha256 {sha[:8]}…" if sha else "No run recorded its teacher's weights hash"
+    if sha and unrecorded:
+        teacher += f" ({unrecorded} runs made before runs recorded it)"
+    note = f"{origin}. {teacher}. {args.note}".strip()
     command = (
         f"python -m benchmarks.merge_quality --name {args.name} --sources {' '.join(args.sources)} "
         f"--variants {' '.join(args.variants)} --target {args.target}"

@@ -13,8 +13,8 @@ from benchmarks.quality import SAME_BUDGET
 from tests.benchmarks.fake_runs import quality_run
 
 
-def _run(variant: str, seed: int, ndcg: float) -> dict:
-    return quality_run(variant, seed, ndcg, valid_curve=[[2, ndcg / 2], [4, ndcg / 2]], code=f"code{seed}")
+def _run(variant: str, seed: int, ndcg: float, **extra: object) -> dict:
+    return quality_run(variant, seed, ndcg, valid_curve=[[2, ndcg / 2], [4, ndcg / 2]], code=f"code{seed}", **extra)
 
 
 def _write(results: Path, name: str, runs: list[dict], **budget: object) -> None:
@@ -62,3 +62,17 @@ def test_another_budget_is_refused(results: Path) -> None:
         merge_quality.merged_runs(["a", "b"], ["rcekd"])
     with pytest.raises(SystemExit, match="no committed results"):
         merge_quality.merged_runs(["a", "missing"], ["rcekd"])
+
+
+def test_runs_from_two_teacher_files_are_refused(results: Path) -> None:
+    _write(results, "a", [_run("rcekd", 0, 0.019, teacher_weights_sha256="aa" * 32)])
+    _write(results, "b", [_run("cd", 0, 0.020, teacher_weights_sha256="bb" * 32)])
+    with pytest.raises(SystemExit, match="different teacher files"):
+        merge_quality.merged_runs(["a", "b"], ["rcekd", "cd"])
+
+
+def test_one_teacher_file_is_named_and_unrecorded_runs_counted(results: Path) -> None:
+    _write(results, "a", [_run("rcekd", 0, 0.019), _run("none", 0, 0.011, teacher_weights_sha256="cc" * 32)])
+    _write(results, "b", [_run("rcekd", 1, 0.020, teacher_weights_sha256="aa" * 32)])
+    runs, _ = merge_quality.merged_runs(["a", "b"], ["rcekd", "none"])  # the student alone has no teacher
+    assert merge_quality.teacher_files(runs) == ("aa" * 32, 1)
