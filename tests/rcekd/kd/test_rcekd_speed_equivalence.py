@@ -131,6 +131,22 @@ def test_group_maxima_are_each_strided_groups_maximum(n: int) -> None:
     assert np.array_equal(maxima, padded.reshape(TOPK_GROUP, n_groups).max(0))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_group_maxima_keep_the_first_of_equal_members(dtype: type) -> None:
+    """The same bits as a member-by-member scan in column order: of +0 and −0, the first one seen."""
+    rng = np.random.default_rng(3)
+    n = 16 * 70 + 5
+    row = rng.choice(np.array([0.0, -0.0, -1.0, np.nan], dtype=dtype), size=n)
+    n_groups = -(-n // TOPK_GROUP)
+    maxima = np.empty(n_groups, dtype=dtype)
+    group_maxima(row, n_groups, maxima)
+    expected = np.full(n_groups, -np.inf, dtype=dtype)
+    for i, value in enumerate(row):
+        if value > expected[i % n_groups]:
+            expected[i % n_groups] = value
+    assert maxima.tobytes() == expected.tobytes()
+
+
 @pytest.mark.parametrize("k", [5, 300, 500])
 def test_topk_ranks_nan_scores_last(k: int) -> None:
     """A diverged model's NaN scores neither crash the ranking nor push finite scores out: the finite
